@@ -1,0 +1,60 @@
+"""verl-mtp: Multi-Token-Prediction training, speculative rollout and MTP-safe checkpoints for verl."""
+
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    with open(os.path.join(HERE, "verl_mtp", "version.py")) as f:
+        scope = {}
+        exec(f.read(), scope)
+        return scope["__version__"]
+
+
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="verl-mtp",
+    version=read_version(),
+    description="Multi-Token-Prediction (MTP) for RL with verl: MTP head training (incl. OCC), "
+    "MTP speculative rollout, MTP-safe checkpoints",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10,<3.13",
+    # Only the import package: the repository's tests/ and scripts/ are never installed, because
+    # the verl wheel already owns top-level packages with those names.
+    packages=find_packages(include=["verl_mtp", "verl_mtp.*"]),
+    package_data={"verl_mtp": ["conf/*.yaml"]},
+    install_requires=[
+        "verl>=0.9.1,<0.10",
+        "torch>=2.6",
+        # 0.16.x is the last line for Python 3.11 (legacy MTP API); 0.17+ needs Python 3.12.
+        "megatron-core>=0.16.0,<0.19",
+        "mbridge>=0.15.1",
+        "omegaconf>=2.3",
+        "hydra-core>=1.3",
+        "tensordict>=0.8,<=0.10",
+        "packaging",
+    ],
+    extras_require={
+        "vllm": ["vllm>=0.10"],
+        "sglang": ["sglang>=0.5"],
+        "test": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={
+        # `import verl` imports every module registered in this group (see verl/__init__.py).
+        "verl.plugins": ["verl_mtp = verl_mtp.plugin"],
+        "console_scripts": ["verl-mtp = verl_mtp.cli:main"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "License :: OSI Approved :: Apache Software License",
+    ],
+)

@@ -1,0 +1,151 @@
+"""The verl.plugins entry point: activation, opt-out, idempotence, undo, loud failures."""
+
+import json
+
+import pytest
+
+STATUS_SNIPPET = """
+import json, sys
+import verl
+from verl.workers.config import MtpConfig
+state = {
+    "plugin_loaded": "verl_mtp.plugin" in sys.modules,
+    "mtp_config_class": MtpConfig.__module__ + "." + MtpConfig.__qualname__,
+    "megatron_imported": any(m == "megatron" or m.startswith("megatron.") for m in sys.modules),
+}
+if state["plugin_loaded"]:
+    state["status"] = sys.modules["verl_mtp.plugin"].status()
+print("STATE=" + json.dumps(state))
+"""
+
+
+def _state(proc):
+    assert proc.returncode == 0, proc.stderr
+    line = [l for l in proc.stdout.splitlines() if l.startswith("STATE=")][-1]
+    return json.loads(line[len("STATE="):])
+
+
+def test_import_verl_alone_activates_plugin(run_python):
+    state = _state(run_python(STATUS_SNIPPET))
+    assert state["plugin_loaded"]
+    assert state["mtp_config_class"] == "verl_mtp.config.ExtendedMtpConfig"
+    assert set(state["status"].values()) == {"applied"}
+    # Cheap at import: megatron-side patches are deferred until verl imports megatron itself.
+    assert not state["megatron_imported"]
+
+
+def test_external_plugins_none_disables_it(run_python):
+    state = _state(run_python(STATUS_SNIPPET, env={"VERL_USE_EXTERNAL_PLUGINS": "none"}))
+    assert not state["plugin_loaded"]
+    assert state["mtp_config_class"] == "verl.workers.config.model.MtpConfig"
+
+
+def test_importing_verl_mtp_before_verl_works(run_python):
+    proc = run_python(
+        """
+        import verl_mtp.config, verl_mtp.plugin as plugin
+        from verl.workers.config import MtpConfig
+        assert MtpConfig is verl_mtp.config.ExtendedMtpConfig, MtpConfig
+        assert set(plugin.status().values()) == {"applied"}, plugin.status()
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "FAILED" not in proc.stderr
+
+
+def test_broken_host_is_reported_loudly_and_import_survives(run_python):
+    # verl without the dataclass field the config patch extends: the patch must refuse, say so
+    # on stderr with the versions found, and leave `import verl` working.
+    proc = run_python(
+        """
+        import verl
+        from verl.workers.config.model import HFModelConfig
+        del HFModelConfig.__dataclass_fields__["mtp"]
+        import verl_mtp.plugin as plugin
+        print("STATUS=" + plugin.status()["extended_mtp_config"])
+        """,
+        env={"VERL_USE_EXTERNAL_PLUGINS": "none"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "[verl-mtp] ERROR" in proc.stderr
+    assert "extended_mtp_config" in proc.stderr
+    assert "has no dataclass field 'mtp'" in proc.stderr
+    assert "verl 0.9.1" in proc.stderr and "megatron-core" in proc.stderr
+    assert "STATUS=verl-mtp: patch 'extended_mtp_config' FAILED" in proc.stdout
+
+
+def test_untested_verl_version_is_refused_loudly(run_python):
+    proc = run_python(
+        """
+        import verl
+        verl.__version__ = "0.99.0"
+        import verl_mtp.plugin as plugin
+        from verl.workers.config import MtpConfig
+        print("CLASS=" + MtpConfig.__module__)
+        """,
+        env={"VERL_USE_EXTERNAL_PLUGINS": "none"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "verl 0.99.0 is not a version verl-mtp was tested with" in proc.stderr
+    assert "VERL_MTP_ALLOW_UNTESTED_VERL=1" in proc.stderr
+    assert "CLASS=verl.workers.config.model" in proc.stdout
+
+
+def test_apply_is_idempotent_and_undo_restores_verl():
+    import verl.utils.config as verl_config
+    import verl.workers.config as config_pkg
+    import verl.workers.config.model as model_mod
+    import verl.workers.config.rollout as rollout_mod
+
+    from verl_mtp import plugin
+    from verl_mtp.config import ExtendedMtpConfig
+
+    wrapped = verl_config.validate_config
+    original = wrapped.__verl_mtp_original__
+    assert plugin.apply_patches()
+    assert verl_config.validate_config is wrapped  # no double wrapping
+
+    plugin.deactivate()
+    try:
+        assert verl_config.validate_config is original
+        assert config_pkg.MtpConfig is model_mod.MtpConfig is rollout_mod.MtpConfig
+        assert config_pkg.MtpConfig is not ExtendedMtpConfig
+        for owner in (model_mod.HFModelConfig, rollout_mod.RolloutConfig):
+            assert owner.__dataclass_fields__["mtp"].type is model_mod.MtpConfig
+        assert not any(plugin.status()[name] == "applied" for name in plugin.status())
+    finally:
+        assert plugin.apply_patches()
+    assert config_pkg.MtpConfig is ExtendedMtpConfig
+    assert verl_config.validate_config.__verl_mtp_original__ is original
+
+
+def test_a_failing_patch_is_reported_and_others_still_apply(capsys):
+    from verl_mtp import plugin
+    from verl_mtp.patches import Patch
+
+    def boom():
+        raise RuntimeError("target moved")
+
+    broken = Patch("deliberately_broken", "test patch", apply_fn=boom, undo_fn=lambda saved: None)
+    applied = Patch("works", "test patch", apply_fn=lambda: {"ok": True}, undo_fn=lambda saved: None)
+    with pytest.warns(plugin.VerlMtpPluginWarning, match="deliberately_broken.*target moved"):
+        assert not plugin.apply_patches((broken, applied))
+    assert applied.applied and not broken.applied
+    err = capsys.readouterr().err
+    assert "[verl-mtp] ERROR" in err and "deliberately_broken" in err and "verl 0.9.1" in err
+
+
+def test_deferred_megatron_patch_wraps_check_mtp_config_on_import(run_python):
+    proc = run_python(
+        """
+        import sys, verl
+        assert "verl.utils.megatron_utils" not in sys.modules
+        import verl.utils.megatron_utils as mu
+        print("WRAPPED=" + str(hasattr(mu.check_mtp_config, "__verl_mtp_original__")))
+        from verl.workers.engine.megatron import transformer_impl
+        print("ENGINE_SEES=" + str(transformer_impl.check_mtp_config is mu.check_mtp_config))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "WRAPPED=True" in proc.stdout
+    assert "ENGINE_SEES=True" in proc.stdout

@@ -1,0 +1,1 @@
+"""Hydra configs shipped with verl-mtp (``pkg://verl_mtp.conf``)."""

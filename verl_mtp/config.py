@@ -1,0 +1,307 @@
+"""The extended ``actor_rollout_ref.model.mtp`` config: fields, validation, regime resolution.
+
+``ExtendedMtpConfig`` subclasses verl's ``MtpConfig`` so every existing field and every
+``isinstance`` check keeps working. The plugin (``verl_mtp.patches``) makes verl build this class
+on both of its config-to-dataclass paths. Validation happens in ``__post_init__`` so a bad value
+fails wherever the config is first turned into a dataclass; ``validate_mtp_run_config`` adds the
+checks that need the whole run config (strategy, model checkpoint) and runs in the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+# verl's own class; after the plugin is active, verl.workers.config.MtpConfig names the subclass below.
+from verl.workers.config.model import MtpConfig as VerlMtpConfig
+
+TRAINING_MODES = ("disabled", "standalone", "joint")
+LOSS_TYPES = ("ce", "rl")
+COEF_MODES = ("fixed", "occ")
+# What OCC's lambda is when pi_theta == pi_old (first mini-batch of a step): the proxy
+# numerator is exactly 0 there, so the paper's formula would switch the MTP term off.
+OCC_ON_POLICY_COEFS = ("previous", "zero", "fixed")
+
+MTP_KEY_PREFIX = "actor_rollout_ref.model.mtp"
+
+
+class MtpConfigError(ValueError):
+    """A bad MTP setting. The message names the key, the bad value and the valid choices."""
+
+
+def _error(key: str, value: Any, expected: str) -> MtpConfigError:
+    return MtpConfigError(f"{MTP_KEY_PREFIX}.{key}={value!r} is invalid: {expected}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _error(key, value, f"valid choices are {', '.join(choices)}")
+
+
+def _check_finite(key: str, value: Any, *, minimum: float | None = None, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _error(key, value, "expected a finite number")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise _error(key, value, f"expected a number {'>' if strict else '>='} {minimum}")
+
+
+@dataclass
+class ExtendedMtpConfig(VerlMtpConfig):
+    """verl's ``MtpConfig`` plus the verl-mtp knobs. Defaults reproduce stock verl behaviour.
+
+    Training regime (one knob, ROLL's names):
+        mtp_training_mode: ``disabled`` | ``standalone`` | ``joint``; ``None`` derives it from
+            verl's ``enable_train`` / ``detach_encoder``. When set, it drives those switches (and
+            implies ``enable=True`` for standalone/joint); a switch set against it is an error.
+    Loss:
+        mtp_loss_type: ``ce`` (cross-entropy, verl's behaviour) or ``rl`` (the actor's policy loss
+            applied to the MTP head's log-probs; arXiv 2605.28184's field name).
+        mtp_coef_mode: ``fixed`` (``mtp_loss_scaling_factor``) or ``occ`` (Optimal Coefficient
+            Calibration, ``rl`` only).
+        occ_scale: OCC's lambda_plus. occ_eps: OCC's denominator epsilon.
+        occ_ema_decay: EMA of lambda across mini-batches; 0 = off (paper).
+        occ_coef_min / occ_coef_max: clip lambda; None = off (paper; lambda may go negative).
+        occ_on_policy_coef: lambda when pi_theta == pi_old (OCC numerator exactly 0):
+            ``previous`` = last lambda measured off-policy (0 before the first), ``zero``,
+            ``fixed`` = ``mtp_loss_scaling_factor``.
+    Depths:
+        mtp_step_weight_beta: depth k's loss weight is beta**(k-1); 1.0 = uniform.
+        mtp_num_layers: how many MTP depths to use; None = all the checkpoint has.
+    """
+
+    mtp_training_mode: Optional[str] = None
+    mtp_loss_type: str = "ce"
+    mtp_coef_mode: str = "fixed"
+    occ_scale: float = 1.0
+    occ_eps: float = 1e-8
+    occ_ema_decay: float = 0.0
+    occ_coef_min: Optional[float] = None
+    occ_coef_max: Optional[float] = None
+    occ_on_policy_coef: str = "previous"
+    mtp_step_weight_beta: float = 1.0
+    mtp_num_layers: Optional[int] = None
+
+    def __post_init__(self):
+        self._resolve_training_mode()
+        self._validate()
+
+    # BaseConfig freezes fields once set, so resolution writes through object.__setattr__.
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _resolve_training_mode(self) -> None:
+        mode = self.mtp_training_mode
+        if mode is None:
+            if not (self.enable and self.enable_train):
+                mode = "disabled"
+            else:
+                mode = "standalone" if self.detach_encoder else "joint"
+            if self.enable_train and not self.enable:
+                raise _error(
+                    "enable_train", True, "it has no effect while enable=False; set enable=True or "
+                    "use mtp_training_mode=standalone|joint (which implies enable=True)"
+                )
+            self._set("mtp_training_mode", mode)
+            return
+
+        _check_choice("mtp_training_mode", mode, TRAINING_MODES)
+        # The legacy switches default to False: a False switch follows the mode, a True one that
+        # contradicts it was set on purpose and is an error.
+        if mode == "disabled":
+            if self.enable_train:
+                raise _error(
+                    "mtp_training_mode", mode, "it conflicts with enable_train=True; "
+                    "drop enable_train or choose mtp_training_mode=standalone|joint"
+                )
+            return
+        if mode == "joint" and self.detach_encoder:
+            raise _error(
+                "mtp_training_mode", mode, "it conflicts with detach_encoder=True; "
+                "drop detach_encoder or choose mtp_training_mode=standalone"
+            )
+        self._set("enable", True)
+        self._set("enable_train", True)
+        self._set("detach_encoder", mode == "standalone")
+
+    def _validate(self) -> None:
+        _check_choice("mtp_loss_type", self.mtp_loss_type, LOSS_TYPES)
+        _check_choice("mtp_coef_mode", self.mtp_coef_mode, COEF_MODES)
+        _check_choice("occ_on_policy_coef", self.occ_on_policy_coef, OCC_ON_POLICY_COEFS)
+        _check_finite("mtp_loss_scaling_factor", self.mtp_loss_scaling_factor, minimum=0.0)
+        _check_finite("occ_scale", self.occ_scale, minimum=0.0, strict=True)
+        _check_finite("occ_eps", self.occ_eps, minimum=0.0, strict=True)
+        _check_finite("occ_ema_decay", self.occ_ema_decay, minimum=0.0)
+        if self.occ_ema_decay >= 1.0:
+            raise _error("occ_ema_decay", self.occ_ema_decay, "expected 0 <= decay < 1 (0 = off)")
+        for key in ("occ_coef_min", "occ_coef_max"):
+            if getattr(self, key) is not None:
+                _check_finite(key, getattr(self, key))
+        if self.occ_coef_min is not None and self.occ_coef_max is not None and self.occ_coef_min > self.occ_coef_max:
+            raise _error("occ_coef_min", self.occ_coef_min, f"it is above occ_coef_max={self.occ_coef_max}")
+        _check_finite("mtp_step_weight_beta", self.mtp_step_weight_beta, minimum=0.0, strict=True)
+        n = self.mtp_num_layers
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise _error("mtp_num_layers", n, "expected a positive integer, or null to use every depth")
+
+        if self.mtp_loss_type == "rl" and self.mtp_training_mode == "disabled":
+            raise _error(
+                "mtp_loss_type", "rl", "the RL policy loss needs the MTP head in training; "
+                "set mtp_training_mode=standalone or joint (or enable=True enable_train=True)"
+            )
+        if self.mtp_coef_mode == "occ" and self.mtp_loss_type != "rl":
+            raise _error(
+                "mtp_coef_mode", "occ", f"OCC calibrates the RL policy loss; set mtp_loss_type=rl "
+                f"(got mtp_loss_type={self.mtp_loss_type!r}) or use mtp_coef_mode=fixed"
+            )
+
+    @property
+    def is_training(self) -> bool:
+        return self.mtp_training_mode != "disabled"
+
+    def step_weights(self, num_depths: int) -> list[float]:
+        """Loss weight of each depth k = 1..num_depths: beta**(k-1)."""
+        return [self.mtp_step_weight_beta**k for k in range(num_depths)]
+
+
+# Fields verl's own MtpConfig declares; everything else on ExtendedMtpConfig is ours.
+VERL_MTP_FIELDS = tuple(f.name for f in fields(VerlMtpConfig))
+PLUGIN_MTP_FIELDS = tuple(f.name for f in fields(ExtendedMtpConfig) if f.name not in VERL_MTP_FIELDS)
+
+
+def as_extended(mtp_config: Any) -> ExtendedMtpConfig:
+    """Return ``mtp_config`` as an ExtendedMtpConfig (a plain verl MtpConfig gets the defaults).
+
+    dataclass ``__init__`` bakes in the default factory, so ``HFModelConfig(...)`` built without
+    an ``mtp`` argument still holds verl's plain MtpConfig even with the plugin active.
+    """
+    if isinstance(mtp_config, ExtendedMtpConfig):
+        return mtp_config
+    if mtp_config is None:
+        return ExtendedMtpConfig()
+    if isinstance(mtp_config, VerlMtpConfig):
+        values = {f.name: getattr(mtp_config, f.name) for f in fields(VerlMtpConfig)}
+    else:  # a DictConfig / dict
+        values = {k: v for k, v in dict(mtp_config).items()}
+    values.pop("_target_", None)
+    known = {f.name for f in fields(ExtendedMtpConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise MtpConfigError(
+            f"unknown key(s) {', '.join(f'{MTP_KEY_PREFIX}.{k}' for k in unknown)}; "
+            f"valid keys are {', '.join(sorted(known - {'_target_'}))}"
+        )
+    return ExtendedMtpConfig(**values)
+
+
+# --- MTP depth detection from a Hugging Face config ------------------------------------------
+
+# Where each model family records its MTP depth count (DESIGN.md section 6).
+_DEPTH_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
+
+
+def detect_mtp_depths(hf_config: Any) -> int:
+    """Number of MTP depths a Hugging Face config declares (0 if none).
+
+    Accepts a transformers ``PretrainedConfig`` or a plain dict (``config.json``); looks at
+    ``num_nextn_predict_layers`` (MiMo, DeepSeek-V3, GLM-4.5) and ``mtp_num_hidden_layers``
+    (Qwen3-Next, Qwen3.5), also under ``text_config``.
+    """
+
+    def get(cfg, key):
+        if cfg is None:
+            return None
+        return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+
+    for cfg in (hf_config, get(hf_config, "text_config")):
+        for key in _DEPTH_KEYS:
+            value = get(cfg, key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return 0
+
+
+def read_local_hf_config(model_path: str) -> Optional[dict]:
+    """``config.json`` of a local checkpoint as a dict, or None when the path is not local."""
+    path = os.path.expanduser(str(model_path))
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def resolve_mtp_depths(mtp: ExtendedMtpConfig, checkpoint_depths: int) -> int:
+    """The number of depths a run trains/uses, given what the checkpoint declares."""
+    if not mtp.enable:
+        return 0
+    if checkpoint_depths <= 0:
+        raise MtpConfigError(
+            f"{MTP_KEY_PREFIX}.enable=True but the model declares no MTP layers "
+            f"(none of {', '.join(_DEPTH_KEYS)} is > 0 in its config.json, nor under text_config); "
+            f"use a checkpoint with an MTP head (MiMo, DeepSeek-V3, GLM-4.5, Qwen3-Next, Qwen3.5) or set enable=False"
+        )
+    if mtp.mtp_num_layers is None:
+        return checkpoint_depths
+    if mtp.mtp_num_layers > checkpoint_depths:
+        raise _error(
+            "mtp_num_layers", mtp.mtp_num_layers,
+            f"the checkpoint has only {checkpoint_depths} MTP depth(s); choose 1..{checkpoint_depths} or null",
+        )
+    return mtp.mtp_num_layers
+
+
+# --- whole-run validation (driver side) -------------------------------------------------------
+
+SUPPORTED_STRATEGIES = ("megatron",)
+
+
+def _select(cfg: Any, dotted: str, default: Any = None) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        if node is None:
+            return default
+        try:
+            node = node.get(part) if hasattr(node, "get") else getattr(node, part)
+        except Exception:
+            return default
+    return default if node is None else node
+
+
+def validate_mtp_run_config(config: Any, *, check_checkpoint: bool = True) -> ExtendedMtpConfig:
+    """Validate the MTP part of a full verl run config; return the resolved MTP config.
+
+    Raises MtpConfigError naming the key, the bad value and the valid choices.
+    """
+    mtp = as_extended(_select(config, "actor_rollout_ref.model.mtp"))
+    if not mtp.enable:
+        return mtp
+    strategy = _select(config, "actor_rollout_ref.actor.strategy")
+    if strategy not in SUPPORTED_STRATEGIES:
+        raise MtpConfigError(
+            f"{MTP_KEY_PREFIX}.enable=True needs the Megatron engine, but actor_rollout_ref.actor.strategy="
+            f"{strategy!r}; valid choices are {', '.join(SUPPORTED_STRATEGIES)} "
+            f"(use verl's ppo_megatron_trainer config or model_engine=megatron)"
+        )
+    if mtp.enable_rollout:
+        from verl_mtp.rollout.spec_args import speculative_engine_args
+
+        engine = _select(config, "actor_rollout_ref.rollout.name")
+        speculative_engine_args(mtp, engine, _select(config, f"actor_rollout_ref.rollout.engine_kwargs.{engine}"))
+    if check_checkpoint:
+        model_path = _select(config, "actor_rollout_ref.model.hf_config_path") or _select(
+            config, "actor_rollout_ref.model.path"
+        )
+        hf_config = read_local_hf_config(model_path) if model_path else None
+        if hf_config is not None:
+            resolve_mtp_depths(mtp, detect_mtp_depths(hf_config))
+    return mtp
+
+
+# When this module was imported before verl, its own `import verl` above loaded the plugin while
+# ExtendedMtpConfig did not exist yet; the plugin deferred the config patch to this point.
+if "verl_mtp.plugin" in sys.modules:
+    sys.modules["verl_mtp.plugin"].apply_patches()

@@ -1,0 +1,179 @@
+"""``verl-mtp explain``: compose a run's config, validate it, print the resolved MTP plan."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from verl_mtp.config import (
+    MTP_KEY_PREFIX,
+    PLUGIN_MTP_FIELDS,
+    ExtendedMtpConfig,
+    detect_mtp_depths,
+    read_local_hf_config,
+    resolve_mtp_depths,
+    validate_mtp_run_config,
+)
+
+WRAPPER_CONFIG_MODULE = "verl_mtp.conf"
+WRAPPER_CONFIG_NAME = "ppo_megatron_mtp"
+VERL_CONFIG_MODULE = "verl.trainer.config"
+
+GROUP_LABELS = {"mtp": "MTP module", "trunk": "trunk", "embedding": "embedding", "lm_head": "lm_head"}
+
+
+@dataclass
+class MtpPlan:
+    enabled: bool
+    regime: str
+    enable_train: bool
+    detach_encoder: bool
+    loss_type: str
+    policy_loss_mode: Optional[str]
+    coef_mode: str
+    coef: dict[str, Any]
+    depths: Optional[int]
+    depths_source: str
+    step_weights: Optional[list[float]]
+    megatron_core: Optional[str]
+    mtp_api: Optional[str]
+    gradient_reach: Optional[list[str]]
+    rollout_engine: Optional[str]
+    speculative_args: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def normalize_overrides(overrides: list[str], config_name: str) -> list[str]:
+    """Let users paste the overrides they give stock ``main_ppo``.
+
+    The wrapper config declares verl-mtp's keys, so ``+actor_rollout_ref.model.mtp.KEY=...`` (needed
+    on stock verl) would fail there with "already exists"; drop the ``+`` for those keys.
+    """
+    if config_name != WRAPPER_CONFIG_NAME:
+        return list(overrides)
+    declared = {f"+{MTP_KEY_PREFIX}.{name}=" for name in PLUGIN_MTP_FIELDS}
+    return [o[1:] if any(o.startswith(prefix) for prefix in declared) else o for o in overrides]
+
+
+def compose_run_config(overrides: list[str], config_name: str = WRAPPER_CONFIG_NAME):
+    """Compose a verl run config with Hydra exactly as ``main_ppo`` would (no Ray, no model load)."""
+    import verl  # noqa: F401 - activates the plugin, as in a real run
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    module = WRAPPER_CONFIG_MODULE if config_name == WRAPPER_CONFIG_NAME else VERL_CONFIG_MODULE
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=module, version_base=None):
+        return compose(config_name=config_name, overrides=normalize_overrides(overrides, config_name))
+
+
+def _coef_summary(mtp: ExtendedMtpConfig) -> dict[str, Any]:
+    if mtp.mtp_coef_mode == "fixed":
+        return {"lambda": mtp.mtp_loss_scaling_factor}
+    return {
+        "lambda_plus": mtp.occ_scale,
+        "eps": mtp.occ_eps,
+        "ema_decay": mtp.occ_ema_decay,
+        "clip": [mtp.occ_coef_min, mtp.occ_coef_max],
+        "on_policy": mtp.occ_on_policy_coef,
+    }
+
+
+def build_plan(config) -> MtpPlan:
+    """Validate ``config`` (raises MtpConfigError) and resolve what the run will do with MTP."""
+    from verl_mtp.megatron.compat import expected_gradient_reach, megatron_core_version, mtp_api
+    from verl_mtp.rollout.spec_args import speculative_engine_args
+
+    mtp = validate_mtp_run_config(config)
+    notes: list[str] = []
+
+    depths, source = None, "MTP disabled"
+    if mtp.enable:
+        model = config.actor_rollout_ref.model
+        model_path = model.get("hf_config_path") or model.path
+        hf_config = read_local_hf_config(model_path)
+        if hf_config is None:
+            source = f"not checked here: {model_path} has no local config.json (the workers check it)"
+            depths = mtp.mtp_num_layers
+        else:
+            found = detect_mtp_depths(hf_config)
+            depths = resolve_mtp_depths(mtp, found)
+            source = f"{model_path}/config.json declares {found}"
+            if mtp.mtp_num_layers is not None:
+                source += f"; mtp_num_layers={mtp.mtp_num_layers} overrides"
+
+    with warnings.catch_warnings():  # megatron-core warns about missing TE/Apex on import
+        warnings.simplefilter("ignore")
+        api = mtp_api()
+    reach = expected_gradient_reach(mtp.mtp_training_mode, api) if mtp.enable else ()
+    if api is None:
+        notes.append("megatron-core is not installed here, so the gradient reach is unknown")
+    elif mtp.mtp_training_mode == "standalone" and "lm_head" in (reach or ()):
+        notes.append(
+            "this megatron-core trains lm_head with the MTP loss even in standalone mode "
+            "(process_mtp_loss uses the live output layer)"
+        )
+    if mtp.mtp_coef_mode == "occ" and mtp.mtp_training_mode == "standalone":
+        notes.append("OCC with standalone: the MTP term reaches no shared parameter, so lambda only rescales the head")
+
+    policy_loss_mode = None
+    if mtp.mtp_loss_type == "rl":
+        policy_loss_mode = str(config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla"))
+
+    engine = config.actor_rollout_ref.rollout.get("name")
+    engine_kwargs = config.actor_rollout_ref.rollout.get("engine_kwargs", {}).get(engine, {}) if engine else {}
+    return MtpPlan(
+        enabled=mtp.enable,
+        regime=mtp.mtp_training_mode,
+        enable_train=mtp.enable_train,
+        detach_encoder=mtp.detach_encoder,
+        loss_type=mtp.mtp_loss_type,
+        policy_loss_mode=policy_loss_mode,
+        coef_mode=mtp.mtp_coef_mode,
+        coef=_coef_summary(mtp),
+        depths=depths,
+        depths_source=source,
+        step_weights=mtp.step_weights(depths) if depths else None,
+        megatron_core=megatron_core_version(),
+        mtp_api=api,
+        gradient_reach=list(reach) if reach is not None else None,
+        rollout_engine=engine,
+        speculative_args=speculative_engine_args(mtp, engine, engine_kwargs),
+        notes=notes,
+    )
+
+
+def render_plan(plan: MtpPlan) -> str:
+    if not plan.enabled:
+        return "MTP: off (actor_rollout_ref.model.mtp.enable=False): verl runs exactly as without verl-mtp.\n"
+    if plan.loss_type == "ce":
+        loss = "ce: cross-entropy on the next-next token (megatron's MTP loss)"
+    else:
+        loss = f"rl: the actor's policy loss (loss_mode={plan.policy_loss_mode}) on the MTP head's log-probs"
+    coef = ", ".join(f"{k}={v}" for k, v in plan.coef.items())
+    if plan.gradient_reach is None:
+        reach = "unknown (megatron-core not installed)"
+    elif not plan.gradient_reach:
+        reach = "nothing (the head is loaded and saved, not trained)"
+    else:
+        reach = ", ".join(GROUP_LABELS[g] for g in plan.gradient_reach)
+    mcore = f"megatron-core {plan.megatron_core} ({plan.mtp_api} MTP API)" if plan.megatron_core else "no megatron-core"
+    spec = json.dumps(plan.speculative_args) if plan.speculative_args else "off (mtp.enable_rollout=False)"
+    lines = [
+        "MTP plan",
+        f"  regime            {plan.regime} (enable_train={plan.enable_train}, detach_encoder={plan.detach_encoder})",
+        f"  MTP depths        {plan.depths if plan.depths is not None else '?'} ({plan.depths_source})",
+        f"  loss              {loss}",
+        f"  coefficient       {plan.coef_mode}: {coef}",
+        f"  depth weights     {plan.step_weights if plan.step_weights else '-'}",
+        f"  MTP gradient to   {reach}   [{mcore}]",
+        f"  rollout           {plan.rollout_engine}; speculative decoding: {spec}",
+    ]
+    lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines) + "\n"
+
+
+def plan_as_json(plan: MtpPlan) -> str:
+    return json.dumps(asdict(plan), indent=2, sort_keys=True)
