@@ -44,7 +44,7 @@ setup(
     extras_require={
         "vllm": ["vllm>=0.10"],
         "sglang": ["sglang>=0.5"],
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "cachetools", "uvicorn", "fastapi"],
     },
     entry_points={
         # `import verl` imports every module registered in this group (see verl/__init__.py).

@@ -1,0 +1,114 @@
+"""`verl-mtp explain` as a user runs it: the console script, real Hydra composition, exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from verl_mtp.megatron.compat import expected_gradient_reach
+
+VERL_MTP = os.path.join(os.path.dirname(sys.executable), "verl-mtp")
+
+
+def explain(*args):
+    return subprocess.run([VERL_MTP, "explain", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_is_installed():
+    assert os.access(VERL_MTP, os.X_OK)
+
+
+def test_readme_example(make_checkpoint):
+    # The README's first example: OCC on a MiMo-style checkpoint with MTP speculative rollout on vLLM.
+    path = make_checkpoint(depths=1)
+    proc = explain(
+        f"actor_rollout_ref.model.path={path}",
+        "actor_rollout_ref.model.mtp.mtp_training_mode=joint",
+        "actor_rollout_ref.model.mtp.mtp_loss_type=rl",
+        "actor_rollout_ref.model.mtp.mtp_coef_mode=occ",
+        "actor_rollout_ref.model.mtp.enable_rollout=True",
+        "actor_rollout_ref.rollout.name=vllm",
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "regime            joint (enable_train=True, detach_encoder=False)" in out
+    assert f"MTP depths        1 ({path}/config.json declares 1)" in out
+    assert "rl: the actor's policy loss (loss_mode=vanilla)" in out
+    assert "occ: lambda_plus=1.0, eps=1e-08" in out
+    assert '"speculative_config": {"method": "mtp", "num_speculative_tokens": 1}' in out
+    assert "MTP module, trunk, embedding" in out
+
+
+@pytest.mark.parametrize("regime", ["disabled", "standalone", "joint"])
+def test_json_plan_reports_gradient_reach_for_installed_megatron(regime, make_checkpoint):
+    proc = explain(
+        f"actor_rollout_ref.model.path={make_checkpoint(depths=2)}",
+        "actor_rollout_ref.model.mtp.enable=True",
+        f"actor_rollout_ref.model.mtp.mtp_training_mode={regime}",
+        "actor_rollout_ref.model.mtp.mtp_step_weight_beta=0.5",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["regime"] == regime and plan["depths"] == 2
+    assert plan["step_weights"] == [1.0, 0.5]
+    assert plan["gradient_reach"] == list(expected_gradient_reach(regime))
+
+
+def test_stock_config_with_plus_keys_and_sglang(make_checkpoint):
+    proc = explain(
+        "--config-name", "ppo_megatron_trainer",
+        f"actor_rollout_ref.model.path={make_checkpoint()}",
+        "+actor_rollout_ref.model.mtp.mtp_training_mode=standalone",
+        "actor_rollout_ref.model.mtp.enable_rollout=True",
+        "actor_rollout_ref.rollout.name=sglang",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["regime"] == "standalone"
+    assert plan["speculative_args"]["speculative_algorithm"] == "EAGLE"
+    assert plan["speculative_args"]["enable_draft_weights_cpu_backup"] is True
+
+
+def test_plus_prefix_is_accepted_with_the_wrapper():
+    proc = explain("+actor_rollout_ref.model.mtp.mtp_loss_type=ce", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["enabled"] is False
+
+
+def test_mtp_off_says_verl_is_unchanged():
+    proc = explain()
+    assert proc.returncode == 0, proc.stderr
+    assert "MTP: off" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["actor_rollout_ref.model.mtp.mtp_loss_type=rll"], "mtp_loss_type='rll' is invalid: valid choices are ce, rl"),
+        (["actor_rollout_ref.model.mtp.mtp_training_mode=frozen"], "valid choices are disabled, standalone, joint"),
+        (["actor_rollout_ref.model.mtp.mtp_loss_scaling_factor=-1"], "mtp_loss_scaling_factor=-1 is invalid: expected a number >= 0"),
+        (["actor_rollout_ref.model.mtp.mtp_loss_type=rl"], "the RL policy loss needs the MTP head in training"),
+        (["actor_rollout_ref.model.mtp.mtp_los_type=rl"], "Could not override 'actor_rollout_ref.model.mtp.mtp_los_type'"),
+    ],
+)
+def test_bad_overrides_fail_with_clear_message(overrides, message):
+    proc = explain(*overrides)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_model_without_mtp_fails(make_checkpoint):
+    proc = explain(f"actor_rollout_ref.model.path={make_checkpoint(key=None)}", "actor_rollout_ref.model.mtp.enable=True")
+    assert proc.returncode == 2
+    assert "the model declares no MTP layers" in proc.stderr
+
+
+def test_non_megatron_strategy_fails():
+    proc = explain("--config-name", "ppo_trainer", "actor_rollout_ref.model.mtp.enable=True")
+    assert proc.returncode == 2
+    assert "needs the Megatron engine" in proc.stderr and "strategy='fsdp'" in proc.stderr
