@@ -271,7 +271,29 @@ def _select(cfg: Any, dotted: str, default: Any = None) -> Any:
     return default if node is None else node
 
 
-def validate_mtp_run_config(config: Any, *, check_checkpoint: bool = True) -> ExtendedMtpConfig:
+def resolve_run_depths(config: Any, mtp: ExtendedMtpConfig) -> tuple[Optional[int], str]:
+    """MTP depths a run will use and where that number comes from.
+
+    Reads the checkpoint's ``config.json`` when the model path is local; otherwise the workers
+    check it when they load the model (``check_mtp_config``), and the depth stays unknown here.
+    """
+    if not mtp.enable:
+        return None, "MTP disabled"
+    model_path = _select(config, "actor_rollout_ref.model.hf_config_path") or _select(
+        config, "actor_rollout_ref.model.path"
+    )
+    hf_config = read_local_hf_config(model_path) if model_path else None
+    if hf_config is None:
+        return mtp.mtp_num_layers, f"not checked here: {model_path} has no local config.json (the workers check it)"
+    found = detect_mtp_depths(hf_config)
+    depths = resolve_mtp_depths(mtp, found)
+    source = f"{model_path}/config.json declares {found}"
+    if mtp.mtp_num_layers is not None:
+        source += f"; mtp_num_layers={mtp.mtp_num_layers} overrides"
+    return depths, source
+
+
+def validate_mtp_run_config(config: Any) -> ExtendedMtpConfig:
     """Validate the MTP part of a full verl run config; return the resolved MTP config.
 
     Raises MtpConfigError naming the key, the bad value and the valid choices.
@@ -291,13 +313,7 @@ def validate_mtp_run_config(config: Any, *, check_checkpoint: bool = True) -> Ex
 
         engine = _select(config, "actor_rollout_ref.rollout.name")
         speculative_engine_args(mtp, engine, _select(config, f"actor_rollout_ref.rollout.engine_kwargs.{engine}"))
-    if check_checkpoint:
-        model_path = _select(config, "actor_rollout_ref.model.hf_config_path") or _select(
-            config, "actor_rollout_ref.model.path"
-        )
-        hf_config = read_local_hf_config(model_path) if model_path else None
-        if hf_config is not None:
-            resolve_mtp_depths(mtp, detect_mtp_depths(hf_config))
+    resolve_run_depths(config, mtp)
     return mtp
 
 

@@ -11,9 +11,7 @@ from verl_mtp.config import (
     MTP_KEY_PREFIX,
     PLUGIN_MTP_FIELDS,
     ExtendedMtpConfig,
-    detect_mtp_depths,
-    read_local_hf_config,
-    resolve_mtp_depths,
+    resolve_run_depths,
     validate_mtp_run_config,
 )
 
@@ -89,20 +87,7 @@ def build_plan(config) -> MtpPlan:
     mtp = validate_mtp_run_config(config)
     notes: list[str] = []
 
-    depths, source = None, "MTP disabled"
-    if mtp.enable:
-        model = config.actor_rollout_ref.model
-        model_path = model.get("hf_config_path") or model.path
-        hf_config = read_local_hf_config(model_path)
-        if hf_config is None:
-            source = f"not checked here: {model_path} has no local config.json (the workers check it)"
-            depths = mtp.mtp_num_layers
-        else:
-            found = detect_mtp_depths(hf_config)
-            depths = resolve_mtp_depths(mtp, found)
-            source = f"{model_path}/config.json declares {found}"
-            if mtp.mtp_num_layers is not None:
-                source += f"; mtp_num_layers={mtp.mtp_num_layers} overrides"
+    depths, source = resolve_run_depths(config, mtp)
 
     with warnings.catch_warnings():  # megatron-core warns about missing TE/Apex on import
         warnings.simplefilter("ignore")
