@@ -1,0 +1,162 @@
+"""Optimal Coefficient Calibration (OCC, arXiv 2605.28184) for the MTP policy-loss term.
+
+With g_RL the RL gradient and g_MTP the gradient the MTP term sends into shared parameters, the
+one-step gain of adding lambda * g_MTP is maximised at lambda* ~ <g_RL, g_MTP> / ||g_MTP||^2.
+OCC replaces the gradients with a free log-probability proxy over valid response tokens:
+
+    delta_RL  = log pi_theta - log pi_old          (main head)
+    delta_MTP = log q_theta  - log pi_old          (MTP depth k)
+    c_hat = sum(delta_RL * delta_MTP),  v_hat^2 = sum(delta_MTP^2)
+    lambda = lambda_plus * c_hat / (v_hat^2 + eps)
+
+Sums run over the whole global mini-batch: each rank computes its partial sums and they are
+all-reduced over the data-parallel group, so every rank uses the same lambda (the reference
+patch averaged per-token ratios per rank; this is a ratio of inner products, globally).
+
+On the first mini-batch of a step pi_theta == pi_old, so delta_RL == 0 and c_hat == 0 exactly:
+the formula would switch the MTP term off, and with a single mini-batch per step it would do so
+for the whole run. ``on_policy`` decides lambda there (see ExtendedMtpConfig.occ_on_policy_coef).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+# delta_RL counts as zero (pi_theta == pi_old) when its mean square per token is below this:
+# recomputed log-probs of an unchanged model agree to float rounding, far below any real update.
+ON_POLICY_MEAN_SQUARE = 1e-12
+
+# Layout of the statistics vector that is all-reduced (one SUM covers all depths at once).
+_C, _V2, _RL2, _N, _DROPPED = range(5)
+NUM_STATS = 5
+
+
+@torch.no_grad()
+def occ_partial_sums(
+    log_prob: torch.Tensor,
+    mtp_log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """This rank's [c_hat, v_hat^2, ||delta_RL||^2, tokens, dropped] over ``mask``'s valid tokens.
+
+    Positions that are masked out, or whose inputs are not finite, contribute nothing (``where``,
+    not multiplication: NaN * 0 is NaN). ``dropped`` counts valid positions skipped as non-finite.
+    """
+    valid = mask.bool()
+    delta_rl = (log_prob - old_log_prob).double()
+    delta_mtp = (mtp_log_prob - old_log_prob).double()
+    finite = torch.isfinite(delta_rl) & torch.isfinite(delta_mtp)
+    use = valid & finite
+    zero = torch.zeros((), dtype=torch.float64, device=delta_rl.device)
+    delta_rl = torch.where(use, delta_rl, zero)
+    delta_mtp = torch.where(use, delta_mtp, zero)
+    return torch.stack(
+        [
+            (delta_rl * delta_mtp).sum(),
+            (delta_mtp * delta_mtp).sum(),
+            (delta_rl * delta_rl).sum(),
+            use.sum().to(torch.float64),
+            (valid & ~finite).sum().to(torch.float64),
+        ]
+    )
+
+
+def all_reduce_sums(partial: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum partial statistics over ``group`` (the data-parallel group); identity without distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return partial
+    total = partial.clone()
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=group)
+    return total
+
+
+@dataclass
+class OccCoefficient:
+    """lambda for one MTP depth, with the state that carries across mini-batches and steps."""
+
+    scale: float = 1.0
+    eps: float = 1e-8
+    ema_decay: float = 0.0
+    coef_min: Optional[float] = None
+    coef_max: Optional[float] = None
+    on_policy: str = "previous"
+    fixed: float = 0.1
+    # state
+    last_off_policy: float = 0.0
+    ema: Optional[float] = None
+    last: dict = field(default_factory=dict)
+
+    def update(self, sums: torch.Tensor) -> float:
+        """lambda from globally reduced sums [c_hat, v_hat^2, ||delta_RL||^2, tokens, dropped]."""
+        c_hat, v2, rl2, tokens, dropped = (float(x) for x in sums.tolist())
+        on_policy = tokens == 0 or rl2 / max(tokens, 1.0) <= ON_POLICY_MEAN_SQUARE
+        raw = self.scale * c_hat / (v2 + self.eps) if tokens > 0 else 0.0
+        if not math.isfinite(raw):  # cannot happen with finite sums; guard the contract anyway
+            raw, on_policy = 0.0, True
+        if on_policy:
+            value = {"previous": self.last_off_policy, "zero": 0.0, "fixed": self.fixed}[self.on_policy]
+        else:
+            value = raw
+            if self.ema_decay > 0.0:
+                value = raw if self.ema is None else self.ema_decay * self.ema + (1.0 - self.ema_decay) * raw
+                self.ema = value
+            if self.coef_min is not None:
+                value = max(self.coef_min, value)
+            if self.coef_max is not None:
+                value = min(self.coef_max, value)
+            self.last_off_policy = value
+        self.last = {
+            "coef": value,
+            "raw_coef": raw,
+            "numerator": c_hat,
+            "denominator": v2,
+            "tokens": tokens,
+            "dropped_tokens": dropped,
+            "on_policy": float(on_policy),
+        }
+        return value
+
+    def state_dict(self) -> dict:
+        return {"last_off_policy": self.last_off_policy, "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_off_policy = float(state["last_off_policy"])
+        self.ema = None if state["ema"] is None else float(state["ema"])
+
+    @classmethod
+    def from_config(cls, mtp) -> "OccCoefficient":
+        return cls(
+            scale=mtp.occ_scale,
+            eps=mtp.occ_eps,
+            ema_decay=mtp.occ_ema_decay,
+            coef_min=mtp.occ_coef_min,
+            coef_max=mtp.occ_coef_max,
+            on_policy=mtp.occ_on_policy_coef,
+            fixed=mtp.mtp_loss_scaling_factor,
+        )
+
+
+def calibrate(
+    coefs: list[OccCoefficient],
+    log_prob: torch.Tensor,
+    mtp_log_probs: list[torch.Tensor],
+    old_log_prob: torch.Tensor,
+    mask: torch.Tensor,
+    group=None,
+) -> list[float]:
+    """lambda per MTP depth for this mini-batch: one all-reduce over ``group`` for all depths.
+
+    ``mtp_log_probs[k]`` is depth k+1's log-prob of the sampled tokens, aligned with ``log_prob``;
+    ``mask`` marks the response tokens where every input is valid. Every rank returns the same
+    values because the sums are global.
+    """
+    if len(coefs) != len(mtp_log_probs):
+        raise ValueError(f"{len(coefs)} OCC coefficients for {len(mtp_log_probs)} MTP depths")
+    partial = torch.stack([occ_partial_sums(log_prob, q, old_log_prob, mask) for q in mtp_log_probs])
+    total = all_reduce_sums(partial, group=group)
+    return [coef.update(sums) for coef, sums in zip(coefs, total)]
