@@ -146,17 +146,19 @@ def calibrate(
     log_prob: torch.Tensor,
     mtp_log_probs: list[torch.Tensor],
     old_log_prob: torch.Tensor,
-    mask: torch.Tensor,
+    masks: torch.Tensor | list[torch.Tensor],
     group=None,
 ) -> list[float]:
-    """lambda per MTP depth for this mini-batch: one all-reduce over ``group`` for all depths.
+    """lambda per MTP depth: one all-reduce over ``group`` for all depths.
 
     ``mtp_log_probs[k]`` is depth k+1's log-prob of the sampled tokens, aligned with ``log_prob``;
-    ``mask`` marks the response tokens where every input is valid. Every rank returns the same
-    values because the sums are global.
+    ``masks`` (one for all depths, or one per depth) marks the valid response tokens. Every rank
+    returns the same values because the sums are global.
     """
     if len(coefs) != len(mtp_log_probs):
         raise ValueError(f"{len(coefs)} OCC coefficients for {len(mtp_log_probs)} MTP depths")
-    partial = torch.stack([occ_partial_sums(log_prob, q, old_log_prob, mask) for q in mtp_log_probs])
+    if isinstance(masks, torch.Tensor):
+        masks = [masks] * len(mtp_log_probs)
+    partial = torch.stack([occ_partial_sums(log_prob, q, old_log_prob, m) for q, m in zip(mtp_log_probs, masks)])
     total = all_reduce_sums(partial, group=group)
     return [coef.update(sums) for coef, sums in zip(coefs, total)]

@@ -1,0 +1,178 @@
+"""The MTP policy-loss term on verl's real ppo_loss and policy-loss registry.
+
+The model outputs here are synthetic tensors shaped exactly like the Megatron engine's
+(jagged nested, full sequence = prompt + response): the forward that produces them on a real
+model is tested separately.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import verl.utils.tensordict_utils as tu
+from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl.workers.config.actor import ActorConfig, PolicyLossConfig
+from verl.workers.utils.losses import ppo_loss
+
+from verl_mtp.config import ExtendedMtpConfig
+from verl_mtp.loss import MtpLossError, MtpPolicyLoss
+from verl_mtp.occ import OccCoefficient, calibrate
+
+PROMPTS = [3, 2, 4]
+RESPONSES = [4, 5, 2]
+DEPTHS = 2
+
+
+def nested(tensors):
+    return torch.nested.nested_tensor(tensors, layout=torch.jagged)
+
+
+def make_config(loss_mode="vanilla", entropy_coeff=0.0, use_kl_loss=False, actor=None, **mtp):
+    config = ActorConfig(
+        strategy="megatron", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1,
+        entropy_coeff=entropy_coeff, use_kl_loss=use_kl_loss, **(actor or {}),
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+    )
+    settings = {"mtp_training_mode": "joint", "mtp_loss_type": "rl", **mtp}
+    config.model_config = SimpleNamespace(mtp=ExtendedMtpConfig(**settings))
+    return config
+
+
+def make_batch(seed=0, invalid_first=True, with_ref=False):
+    """data, model_output and the same values as plain per-sequence response tensors (the reference)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [p + r for p, r in zip(PROMPTS, RESPONSES)]
+    old = [-torch.rand(r, generator=g) * 2 for r in RESPONSES]
+    adv = [torch.randn(r, generator=g) for r in RESPONSES]
+    mask = [torch.ones(r) for r in RESPONSES]
+    mask[1][-1] = 0  # a padded-out response token
+    tensors = {
+        "prompts": nested([torch.randint(0, 50, (p,), generator=g) for p in PROMPTS]),
+        "responses": nested([torch.randint(0, 50, (r,), generator=g) for r in RESPONSES]),
+        "response_mask": nested(mask),
+        "old_log_probs": nested(old),
+        "advantages": nested(adv),
+    }
+    if with_ref:
+        tensors["ref_log_prob"] = nested([-torch.rand(r, generator=g) for r in RESPONSES])
+    data = tu.get_tensordict(tensors, {"dp_size": 1, "batch_num_tokens": int(sum(m.sum() for m in mask)),
+                                       "global_batch_size": len(PROMPTS)})
+    log_probs = [-torch.rand(n, generator=g) * 2 for n in lengths]
+    mtp = [-torch.rand(n, DEPTHS, generator=g) * 2 for n in lengths]
+    valid = [torch.ones(n, DEPTHS, dtype=torch.bool) for n in lengths]
+    if invalid_first:
+        # Sequence 0's first response token has no depth-2 prediction; its value is garbage.
+        t = PROMPTS[0] - 1
+        valid[0][t, 1] = False
+        mtp[0][t, 1] = float("nan")
+    # The nested tensors are the autograd leaves, as the engine's outputs are graph nodes.
+    output = {
+        "log_probs": nested(log_probs).requires_grad_(),
+        "entropy": nested([torch.rand(n, generator=g) for n in lengths]),
+        "mtp_log_probs": nested(mtp).requires_grad_(),
+        "mtp_valid": nested(valid),
+    }
+    # Response slices by hand: response token j of a sequence sits at full-sequence index P + j - 1.
+    def responses(per_seq):
+        return [x[p - 1 : p - 1 + r] for x, p, r in zip(per_seq, PROMPTS, RESPONSES)]
+
+    reference = {"old": old, "adv": adv, "mask": mask, "log_prob": responses(log_probs),
+                 "mtp": responses(mtp), "valid": responses(valid)}
+    return data, output, reference
+
+
+def pad(seqs, fill=0.0):
+    width = max(x.shape[0] for x in seqs)
+    return torch.stack([torch.nn.functional.pad(x, (0, width - x.shape[0]), value=fill) for x in seqs])
+
+
+def reference_mtp_term(config, ref, coefs, weights):
+    fn = get_policy_loss_fn(config.policy_loss["loss_mode"])
+    total = 0.0
+    for k in range(DEPTHS):
+        mask = pad([(m > 0) & v[:, k] for m, v in zip(ref["mask"], ref["valid"])], False).bool()
+        old = pad(ref["old"])
+        q = torch.where(mask, pad([x[:, k] for x in ref["mtp"]]), old)
+        pg, _ = fn(old_log_prob=old, log_prob=q, advantages=pad(ref["adv"]), response_mask=mask,
+                   loss_agg_mode=config.loss_agg_mode, config=config, rollout_is_weights=None)
+        total = total + coefs[k] * weights[k] * pg
+    return total
+
+
+def test_zero_coefficient_reproduces_stock_loss_and_gradients():
+    config = make_config(mtp_loss_scaling_factor=0.0)
+    data, output, ref = make_batch()
+    stock, stock_metrics = ppo_loss(config, output, data)
+    (stock_grad,) = torch.autograd.grad(stock, output["log_probs"])
+    ours, metrics = MtpPolicyLoss(ppo_loss)(config, output, data)
+    assert torch.equal(ours, stock)
+    grads = torch.autograd.grad(ours, [output["log_probs"], output["mtp_log_probs"]])
+    assert torch.equal(grads[0].values(), stock_grad.values())
+    assert torch.count_nonzero(grads[1].values()) == 0
+    assert set(stock_metrics) <= set(metrics)
+
+
+@pytest.mark.parametrize("loss_mode", ["vanilla", "gspo", "clip_cov"])
+def test_fixed_coefficient_term_is_the_policy_loss_on_mtp_log_probs(loss_mode):
+    config = make_config(loss_mode=loss_mode, mtp_loss_scaling_factor=0.3, mtp_step_weight_beta=0.5)
+    data, output, ref = make_batch()
+    stock, _ = ppo_loss(config, output, data)
+    ours, metrics = MtpPolicyLoss(ppo_loss)(config, output, data)
+    expected = reference_mtp_term(config, ref, [0.3, 0.3], [1.0, 0.5])
+    assert torch.isfinite(ours)
+    torch.testing.assert_close(ours - stock, expected, rtol=1e-5, atol=1e-6)
+    assert metrics["actor/mtp_2/step_weight"] == 0.5 and metrics["actor/mtp_1/coef"] == 0.3
+
+
+def test_gradient_reaches_only_valid_mtp_positions():
+    # Random log-probs give ratios far outside PPO's clip range (zero gradient); widen it.
+    wide = {"clip_ratio": 100.0, "clip_ratio_low": 100.0, "clip_ratio_high": 100.0, "clip_ratio_c": 1000.0}
+    config = make_config(mtp_loss_scaling_factor=1.0, actor=wide)
+    data, output, ref = make_batch()
+    loss, _ = MtpPolicyLoss(ppo_loss)(config, output, data)
+    (grad,) = torch.autograd.grad(loss, output["mtp_log_probs"])
+    seq0 = grad.values()[: PROMPTS[0] + RESPONSES[0]]  # sequence 0's tokens, [tokens, depth]
+    t = PROMPTS[0] - 1
+    assert seq0[t, 1] == 0.0 and seq0[t, 0] != 0.0  # the invalid depth-2 slot gets nothing
+    assert torch.isfinite(grad.values()).all()
+    assert torch.count_nonzero(seq0[:t]) == 0  # prompt positions are not response tokens
+
+
+def test_entropy_and_kl_keep_the_mtp_term():
+    config = make_config(entropy_coeff=0.01, use_kl_loss=True, mtp_loss_scaling_factor=0.2)
+    data, output, ref = make_batch(with_ref=True)
+    stock, stock_metrics = ppo_loss(config, output, data)
+    assert "actor/entropy_loss" in stock_metrics and "kl_loss" in stock_metrics
+    ours, _ = MtpPolicyLoss(ppo_loss)(config, output, data)
+    torch.testing.assert_close(ours - stock, reference_mtp_term(config, ref, [0.2, 0.2], [1.0, 1.0]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_occ_coefficients_come_from_calibration():
+    config = make_config(mtp_coef_mode="occ")
+    data, output, ref = make_batch()
+    loss_fn = MtpPolicyLoss(ppo_loss)
+    ours, metrics = loss_fn(config, output, data)
+    masks = [pad([(m > 0) & v[:, k] for m, v in zip(ref["mask"], ref["valid"])], False).bool() for k in range(DEPTHS)]
+    expected = calibrate([OccCoefficient(), OccCoefficient()], pad(ref["log_prob"]).detach(),
+                         [pad([x[:, k] for x in ref["mtp"]]).detach() for k in range(DEPTHS)], pad(ref["old"]), masks)
+    assert [metrics[f"actor/mtp_{k}/coef"] for k in (1, 2)] == pytest.approx(expected)
+    stock, _ = ppo_loss(config, output, data)
+    torch.testing.assert_close(ours - stock, reference_mtp_term(config, ref, expected, [1.0, 1.0]), rtol=1e-5, atol=1e-6)
+    assert metrics["actor/mtp_1/occ_on_policy"] == 0.0
+
+
+def test_ce_loss_type_leaves_verl_loss_alone():
+    config = make_config(mtp_loss_type="ce")
+    data, output, _ = make_batch()
+    stock, _ = ppo_loss(config, output, data)
+    ours, metrics = MtpPolicyLoss(ppo_loss)(config, output, data)
+    assert torch.equal(ours, stock) and not any("mtp_" in k for k in metrics)
+
+
+def test_rl_without_mtp_log_probs_fails_clearly():
+    config = make_config()
+    data, output, _ = make_batch()
+    del output["mtp_log_probs"]
+    with pytest.raises(MtpLossError, match="delivered no mtp_log_probs"):
+        MtpPolicyLoss(ppo_loss)(config, output, data)
