@@ -58,26 +58,37 @@ def make_batch(seed=0, invalid_first=True, with_ref=False):
     data = tu.get_tensordict(tensors, {"dp_size": 1, "batch_num_tokens": int(sum(m.sum() for m in mask)),
                                        "global_batch_size": len(PROMPTS)})
     log_probs = [-torch.rand(n, generator=g) * 2 for n in lengths]
-    mtp = [-torch.rand(n, DEPTHS, generator=g) * 2 for n in lengths]
-    valid = [torch.ones(n, DEPTHS, dtype=torch.bool) for n in lengths]
+    # MTP outputs in megatron's indexing: raw[t, k-1] scores input_ids[t+k+1]; its label must lie
+    # inside the sequence.
+    raw = [-torch.rand(n, DEPTHS, generator=g) * 2 for n in lengths]
+    raw_valid = [torch.tensor([[t + k + 1 < n for k in range(1, DEPTHS + 1)] for t in range(n)]) for n in lengths]
     if invalid_first:
-        # Sequence 0's first response token has no depth-2 prediction; its value is garbage.
-        t = PROMPTS[0] - 1
-        valid[0][t, 1] = False
-        mtp[0][t, 1] = float("nan")
+        # A slot the forward marked invalid holds garbage (it maps to sequence 0's response token 1, depth 2).
+        raw_valid[0][1, 1] = False
+        raw[0][1, 1] = float("nan")
     # The nested tensors are the autograd leaves, as the engine's outputs are graph nodes.
     output = {
         "log_probs": nested(log_probs).requires_grad_(),
         "entropy": nested([torch.rand(n, generator=g) for n in lengths]),
-        "mtp_log_probs": nested(mtp).requires_grad_(),
-        "mtp_valid": nested(valid),
+        "mtp_log_probs": nested(raw).requires_grad_(),
+        "mtp_valid": nested(raw_valid),
     }
-    # Response slices by hand: response token j of a sequence sits at full-sequence index P + j - 1.
-    def responses(per_seq):
-        return [x[p - 1 : p - 1 + r] for x, p, r in zip(per_seq, PROMPTS, RESPONSES)]
 
-    reference = {"old": old, "adv": adv, "mask": mask, "log_prob": responses(log_probs),
-                 "mtp": responses(mtp), "valid": responses(valid)}
+    # The reference, straight from the definition: response token j of a sequence with prompt
+    # length P is scored by the main head at index P+j-1 and by depth k at raw index P+j-1-k.
+    def mtp_reference(k):
+        values, valid = [], []
+        for x, ok, p, r in zip(raw, raw_valid, PROMPTS, RESPONSES):
+            idx = [p + j - 1 - k for j in range(r)]
+            valid.append(torch.tensor([i >= 0 and bool(ok[i, k - 1]) for i in idx]))
+            values.append(torch.stack([x[i, k - 1] if i >= 0 else torch.tensor(0.0) for i in idx]))
+        return values, valid
+
+    reference = {
+        "old": old, "adv": adv, "mask": mask,
+        "log_prob": [x[p - 1 : p - 1 + r] for x, p, r in zip(log_probs, PROMPTS, RESPONSES)],
+        "mtp": [mtp_reference(k) for k in range(1, DEPTHS + 1)],
+    }
     return data, output, reference
 
 
@@ -90,9 +101,10 @@ def reference_mtp_term(config, ref, coefs, weights):
     fn = get_policy_loss_fn(config.policy_loss["loss_mode"])
     total = 0.0
     for k in range(DEPTHS):
-        mask = pad([(m > 0) & v[:, k] for m, v in zip(ref["mask"], ref["valid"])], False).bool()
+        values, valid = ref["mtp"][k]
+        mask = pad([(m > 0) & v for m, v in zip(ref["mask"], valid)], False).bool()
         old = pad(ref["old"])
-        q = torch.where(mask, pad([x[:, k] for x in ref["mtp"]]), old)
+        q = torch.where(mask, pad(values), old)
         pg, _ = fn(old_log_prob=old, log_prob=q, advantages=pad(ref["adv"]), response_mask=mask,
                    loss_agg_mode=config.loss_agg_mode, config=config, rollout_is_weights=None)
         total = total + coefs[k] * weights[k] * pg
@@ -131,11 +143,15 @@ def test_gradient_reaches_only_valid_mtp_positions():
     data, output, ref = make_batch()
     loss, _ = MtpPolicyLoss(ppo_loss)(config, output, data)
     (grad,) = torch.autograd.grad(loss, output["mtp_log_probs"])
-    seq0 = grad.values()[: PROMPTS[0] + RESPONSES[0]]  # sequence 0's tokens, [tokens, depth]
-    t = PROMPTS[0] - 1
-    assert seq0[t, 1] == 0.0 and seq0[t, 0] != 0.0  # the invalid depth-2 slot gets nothing
     assert torch.isfinite(grad.values()).all()
-    assert torch.count_nonzero(seq0[:t]) == 0  # prompt positions are not response tokens
+    seq0 = grad.values()[: PROMPTS[0] + RESPONSES[0]]  # sequence 0's tokens, [tokens, depth]
+    # Sequence 0 (P=3, R=4): depth 1 scores response tokens from raw 1..4, depth 2 from raw 0..3.
+    assert torch.count_nonzero(seq0[1:5, 0]) == 4 and seq0[0, 0] == 0 and torch.count_nonzero(seq0[5:, 0]) == 0
+    assert seq0[1, 1] == 0.0  # the slot the forward marked invalid gets nothing
+    assert torch.count_nonzero(seq0[[0, 2, 3], 1]) == 3 and torch.count_nonzero(seq0[4:, 1]) == 0
+    # Sequence 1 (P=2): response token 0 would need depth 2 at raw index -1: no prediction, masked.
+    seq1 = grad.values()[7:14]
+    assert torch.count_nonzero(seq1[:, 1]) == 3  # raw 0..2 score response tokens 1..3 (token 4 is masked out)
 
 
 def test_entropy_and_kl_keep_the_mtp_term():
@@ -153,9 +169,9 @@ def test_occ_coefficients_come_from_calibration():
     data, output, ref = make_batch()
     loss_fn = MtpPolicyLoss(ppo_loss)
     ours, metrics = loss_fn(config, output, data)
-    masks = [pad([(m > 0) & v[:, k] for m, v in zip(ref["mask"], ref["valid"])], False).bool() for k in range(DEPTHS)]
+    masks = [pad([(m > 0) & v for m, v in zip(ref["mask"], ref["mtp"][k][1])], False).bool() for k in range(DEPTHS)]
     expected = calibrate([OccCoefficient(), OccCoefficient()], pad(ref["log_prob"]).detach(),
-                         [pad([x[:, k] for x in ref["mtp"]]).detach() for k in range(DEPTHS)], pad(ref["old"]), masks)
+                         [pad(ref["mtp"][k][0]).detach() for k in range(DEPTHS)], pad(ref["old"]), masks)
     assert [metrics[f"actor/mtp_{k}/coef"] for k in (1, 2)] == pytest.approx(expected)
     stock, _ = ppo_loss(config, output, data)
     torch.testing.assert_close(ours - stock, reference_mtp_term(config, ref, expected, [1.0, 1.0]), rtol=1e-5, atol=1e-6)

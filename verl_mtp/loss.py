@@ -8,10 +8,11 @@ PG is the policy-loss function verl's registry returns for ``actor.policy_loss.l
 log-probs q_k in place of the policy's. The main term is verl's own ``ppo_loss``, untouched,
 so entropy and KL terms are kept and lambda = 0 reproduces stock verl exactly.
 
-The forward delivers, next to ``log_probs`` and un-packed the same way:
-    model_output["mtp_log_probs"]  [tokens, K]: [t, k] = log q_{k+1}(token t+1)
-    model_output["mtp_valid"]      [tokens, K]: depth k+1 has a prediction for that token
-Tokens without a valid prediction leave the depth's mask; they are never zero-filled into a mean.
+The forward delivers, next to ``log_probs`` and un-packed the same way, in megatron's own indexing:
+    model_output["mtp_log_probs"]  [tokens, K]: [t, k-1] = log q_k(input_ids[t+k+1])
+    model_output["mtp_valid"]      [tokens, K]: that label lies inside the sequence
+``verl_mtp.align`` shifts them onto the main head's positions per sequence. Tokens without a
+valid prediction leave the depth's mask; they are never zero-filled into a mean.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from verl_mtp.align import align_mtp_to_main_head
 from verl_mtp.config import as_extended
 from verl_mtp.occ import OccCoefficient, calibrate
 
@@ -73,8 +75,9 @@ class MtpPolicyLoss:
                 f"log-prob forward patch is not active in this worker (check the [verl-mtp] lines in its log)"
             )
         log_prob = no_padding_2_padding(model_output["log_probs"], data)
-        mtp_log_probs = no_padding_2_padding(model_output[MTP_LOG_PROBS_KEY], data)
-        mtp_valid = no_padding_2_padding(model_output[MTP_VALID_KEY], data).bool()
+        aligned, aligned_valid = align_mtp_to_main_head(model_output[MTP_LOG_PROBS_KEY], model_output[MTP_VALID_KEY])
+        mtp_log_probs = no_padding_2_padding(aligned, data)
+        mtp_valid = no_padding_2_padding(aligned_valid, data).bool()
         depths = mtp_log_probs.shape[-1]
 
         fields = ["response_mask", "old_log_probs", "advantages"]
