@@ -38,7 +38,7 @@ def test_readme_example(make_checkpoint):
     assert "rl: the actor's policy loss (loss_mode=vanilla)" in out
     assert "occ: lambda_plus=1.0, eps=1e-08" in out
     assert '"speculative_config": {"method": "mtp", "num_speculative_tokens": 1}' in out
-    assert "MTP module, trunk, embedding" in out
+    assert "MTP module, trunk, embedding, lm_head" in out  # the rl path trains the live lm_head in joint
 
 
 @pytest.mark.parametrize("regime", ["disabled", "standalone", "joint"])

@@ -92,7 +92,7 @@ def build_plan(config) -> MtpPlan:
     with warnings.catch_warnings():  # megatron-core warns about missing TE/Apex on import
         warnings.simplefilter("ignore")
         api = mtp_api()
-    reach = expected_gradient_reach(mtp.mtp_training_mode, api) if mtp.enable else ()
+    reach = expected_gradient_reach(mtp.mtp_training_mode, api, mtp.mtp_loss_type) if mtp.enable else ()
     if api is None:
         notes.append("megatron-core is not installed here, so the gradient reach is unknown")
     elif mtp.mtp_training_mode == "standalone" and "lm_head" in (reach or ()):

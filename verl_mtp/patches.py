@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
+import inspect
 import os
 import sys
 import threading
@@ -260,7 +261,55 @@ DRIVER_VALIDATION = Patch(
 )
 
 
-# --- patch 3: the engine honours mtp.mtp_num_layers (deferred: imports megatron-core) ----------
+# --- deferred patches: applied when verl imports the module (which imports megatron-core) ------
+
+
+def _replace(owner: Any, attr: str, new: Any, restore: list) -> None:
+    restore.append((owner, attr, getattr(owner, attr)))
+    setattr(owner, attr, new)
+
+
+def deferred_patch(name: str, description: str, targets: dict[str, Callable[[Any, list], None]]) -> Patch:
+    """A Patch whose work runs when each module in ``targets`` is imported.
+
+    ``targets[module_name](module, restore)`` does the replacements with ``_replace`` so that
+    undo can put every original back; it raises PatchError when the module does not look as
+    expected, which is reported like a failure at plugin load.
+    """
+    def apply_fn() -> dict:
+        saved: dict = {"restore": [], "hooks": {}}
+        for module_name, step in targets.items():
+            hook = functools.partial(_run_deferred, name, step, saved["restore"])
+            saved["hooks"][module_name] = hook
+            when_imported(module_name, hook)
+        return saved
+
+    def undo_fn(saved: dict) -> None:
+        for module_name, hook in saved["hooks"].items():
+            cancel_when_imported(module_name, hook)
+        for owner, attr, original in reversed(saved["restore"]):
+            setattr(owner, attr, original)
+
+    return Patch(name=name, description=description, apply_fn=apply_fn, undo_fn=undo_fn)
+
+
+def _run_deferred(patch_name: str, step: Callable[[Any, list], None], restore: list, module: Any) -> None:
+    try:
+        step(module, restore)
+    except Exception as exc:  # noqa: BLE001 - reported, never swallowed
+        from verl_mtp.plugin import report_failure
+
+        report_failure(patch_name, exc)
+
+
+def _require(module: Any, attr: str) -> Any:
+    value = getattr(module, attr, None)
+    if value is None:
+        raise PatchError(f"{module.__name__}.{attr} is missing")
+    return value
+
+
+# --- patch 3: the engine honours mtp.mtp_num_layers -------------------------------------------
 
 
 def _depth_override_check_mtp_config(original: Callable) -> Callable:
@@ -279,43 +328,77 @@ def _depth_override_check_mtp_config(original: Callable) -> Callable:
     return check_mtp_config
 
 
-def _patch_megatron_utils(module: Any, saved: dict) -> None:
-    original = getattr(module, "check_mtp_config", None)
-    if not callable(original):
-        raise PatchError("verl.utils.megatron_utils.check_mtp_config is missing")
-    module.check_mtp_config = _depth_override_check_mtp_config(original)
-    saved["module"], saved["original"] = module, original
+def _patch_check_mtp_config(module: Any, restore: list) -> None:
+    _replace(module, "check_mtp_config", _depth_override_check_mtp_config(_require(module, "check_mtp_config")), restore)
 
 
-def _apply_depth_override() -> dict:
-    saved: dict = {}
-    saved["hook"] = functools.partial(_run_deferred, DEPTH_OVERRIDE, _patch_megatron_utils, saved)
-    when_imported("verl.utils.megatron_utils", saved["hook"])
-    return saved
-
-
-def _undo_depth_override(saved: dict) -> None:
-    cancel_when_imported("verl.utils.megatron_utils", saved["hook"])
-    if "module" in saved:
-        saved["module"].check_mtp_config = saved["original"]
-
-
-DEPTH_OVERRIDE = Patch(
-    name="mtp_depth_override",
-    description="check_mtp_config validates the checkpoint's MTP depths and applies mtp.mtp_num_layers",
-    apply_fn=_apply_depth_override,
-    undo_fn=_undo_depth_override,
+DEPTH_OVERRIDE = deferred_patch(
+    "mtp_depth_override",
+    "check_mtp_config validates the checkpoint's MTP depths and applies mtp.mtp_num_layers",
+    {"verl.utils.megatron_utils": _patch_check_mtp_config},
 )
 
 
-def _run_deferred(patch: Patch, fn: Callable[[Any, dict], None], saved: dict, module: Any) -> None:
-    """Run a deferred patch step; a failure is reported as loudly as one at plugin load."""
-    try:
-        fn(module, saved)
-    except Exception as exc:  # noqa: BLE001 - reported, never swallowed
-        from verl_mtp.plugin import report_failure
-
-        report_failure(patch.name, exc)
+# --- patch 4: the Megatron engine forward delivers MTP log-probs (mtp_loss_type=rl) -------------
 
 
-ALL_PATCHES = (EXTENDED_MTP_CONFIG, DRIVER_VALIDATION, DEPTH_OVERRIDE)
+def _rl_patch_engine_mtp(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def patch_engine_mtp(module, model_config):
+        from verl.models.mcore.mtp_patch import _get_patching_model
+
+        from verl_mtp.config import as_extended
+        from verl_mtp.megatron.rl_forward import install_rl_postprocess
+
+        original(module, model_config)
+        mtp = as_extended(model_config.mtp)
+        if not (mtp.enable_train and mtp.mtp_loss_type == "rl"):
+            return
+        for chunk in module if isinstance(module, list) else [module]:
+            model = _get_patching_model(chunk)
+            if model is not None and getattr(model, "mtp", None) is not None:
+                # standalone: the policy-loss gradient must not reach the lm_head either.
+                install_rl_postprocess(model, detach_output_layer=mtp.detach_encoder)
+
+    patch_engine_mtp.__verl_mtp_original__ = original
+    return patch_engine_mtp
+
+
+def _patch_megatron_engine(module: Any, restore: list) -> None:
+    from verl_mtp.megatron.rl_forward import logits_processor_with_mtp
+
+    engine_cls = _require(module, "MegatronEngineWithLMHead")
+    processor = getattr(engine_cls, "_lm_head_logits_processor", None)
+    if processor is None or "temperature" not in inspect.signature(processor).parameters:
+        raise PatchError("MegatronEngineWithLMHead._lm_head_logits_processor(logits, label, temperature, ...) not found")
+    _replace(module, "patch_engine_mtp", _rl_patch_engine_mtp(_require(module, "patch_engine_mtp")), restore)
+    _replace(engine_cls, "_lm_head_logits_processor", logits_processor_with_mtp(processor), restore)
+
+
+RL_MTP_FORWARD = deferred_patch(
+    "rl_mtp_forward",
+    "with mtp_loss_type=rl the Megatron engine returns per-depth MTP log-probs in model_output",
+    {"verl.workers.engine.megatron.transformer_impl": _patch_megatron_engine},
+)
+
+
+# --- patch 5: the actor loss adds the MTP policy-loss term --------------------------------------
+
+
+def _patch_loss_name(module: Any, restore: list) -> None:
+    from verl_mtp.loss import MtpPolicyLoss
+
+    stock = _require(module, "ppo_loss")
+    if not isinstance(stock, MtpPolicyLoss):
+        _replace(module, "ppo_loss", MtpPolicyLoss(stock), restore)
+
+
+MTP_POLICY_LOSS = deferred_patch(
+    "mtp_policy_loss",
+    "the actor's ppo_loss (and the distillation loss's) adds the MTP policy-loss term for mtp_loss_type=rl",
+    # engine_workers binds `partial(ppo_loss, ...)` in init_model, reading this module global then.
+    {"verl.workers.engine_workers": _patch_loss_name, "verl.trainer.distillation.losses": _patch_loss_name},
+)
+
+
+ALL_PATCHES = (EXTENDED_MTP_CONFIG, DRIVER_VALIDATION, DEPTH_OVERRIDE, RL_MTP_FORWARD, MTP_POLICY_LOSS)

@@ -14,8 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 LEGACY_API = "legacy"
 PROCESS_MTP_LOSS_API = "process_mtp_loss"
 
-# regime -> parameter groups that receive gradient from the MTP term, per API generation,
-# through stock verl 0.9.1's MTP postprocess. Measured on megatron-core 0.16.1 and 0.18.2.
+# mtp_loss_type=ce: regime -> parameter groups that receive gradient from the MTP term, per API
+# generation, through stock verl 0.9.1's MTP postprocess. Measured on megatron-core 0.16.1 and 0.18.2.
 EXPECTED_GRADIENT_REACH = {
     LEGACY_API: {
         "disabled": (),
@@ -49,9 +49,21 @@ def mtp_api() -> str | None:
     return PROCESS_MTP_LOSS_API if hasattr(multi_token_prediction, "process_mtp_loss") else LEGACY_API
 
 
-def expected_gradient_reach(regime: str, api: str | None = None) -> tuple[str, ...] | None:
+# mtp_loss_type=rl goes through verl-mtp's own forward (verl_mtp.megatron.rl_forward), the same on
+# every megatron-core: standalone detaches the output layer too, joint trains it.
+# Measured by tests/test_rl_forward_e2e.py.
+RL_GRADIENT_REACH = {
+    "disabled": (),
+    "standalone": ("mtp",),
+    "joint": ("mtp", "trunk", "embedding", "lm_head"),
+}
+
+
+def expected_gradient_reach(regime: str, api: str | None = None, loss_type: str = "ce") -> tuple[str, ...] | None:
     """Parameter groups that get MTP gradient under ``regime``; None if megatron-core is absent."""
     api = api or mtp_api()
     if api is None:
         return None
+    if loss_type == "rl":
+        return RL_GRADIENT_REACH[regime]
     return EXPECTED_GRADIENT_REACH[api][regime]
