@@ -26,6 +26,10 @@ from typing import Optional
 
 import torch
 
+from verl_mtp.config import ExtendedMtpConfig
+
+_CONFIG_DEFAULTS = ExtendedMtpConfig()
+
 # delta_RL counts as zero (pi_theta == pi_old) when its mean square per token is below this:
 # recomputed log-probs of an unchanged model agree to float rounding, far below any real update.
 ON_POLICY_MEAN_SQUARE = 1e-12
@@ -79,13 +83,14 @@ def all_reduce_sums(partial: torch.Tensor, group=None) -> torch.Tensor:
 class OccCoefficient:
     """lambda for one MTP depth, with the state that carries across mini-batches and steps."""
 
-    scale: float = 1.0
-    eps: float = 1e-8
-    ema_decay: float = 0.0
-    coef_min: Optional[float] = None
-    coef_max: Optional[float] = None
-    on_policy: str = "previous"
-    fixed: float = 0.1
+    # Defaults are the config's (one source of truth for OCC's paper defaults).
+    scale: float = _CONFIG_DEFAULTS.occ_scale
+    eps: float = _CONFIG_DEFAULTS.occ_eps
+    ema_decay: float = _CONFIG_DEFAULTS.occ_ema_decay
+    coef_min: Optional[float] = _CONFIG_DEFAULTS.occ_coef_min
+    coef_max: Optional[float] = _CONFIG_DEFAULTS.occ_coef_max
+    on_policy: str = _CONFIG_DEFAULTS.occ_on_policy_coef
+    fixed: float = _CONFIG_DEFAULTS.mtp_loss_scaling_factor
     # state
     last_off_policy: float = 0.0
     ema: Optional[float] = None
