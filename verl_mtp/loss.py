@@ -74,7 +74,6 @@ class MtpPolicyLoss:
                 f"mtp_loss_type=rl but the model forward delivered no {', '.join(missing)}; the MTP "
                 f"log-prob forward patch is not active in this worker (check the [verl-mtp] lines in its log)"
             )
-        log_prob = no_padding_2_padding(model_output["log_probs"], data)
         aligned, aligned_valid = align_mtp_to_main_head(model_output[MTP_LOG_PROBS_KEY], model_output[MTP_VALID_KEY])
         mtp_log_probs = no_padding_2_padding(aligned, data)
         mtp_valid = no_padding_2_padding(aligned_valid, data).bool()
@@ -92,14 +91,15 @@ class MtpPolicyLoss:
         q = [torch.where(m, mtp_log_probs[..., k], old_log_prob.detach()) for k, m in enumerate(masks)]
 
         if mtp.mtp_coef_mode == "occ":
+            log_prob = no_padding_2_padding(model_output["log_probs"], data).detach()
             occ = self.occ_coefficients(config, mtp, depths)
-            coefs = calibrate(occ, log_prob.detach(), [x.detach() for x in q], old_log_prob, masks, group=dp_group)
+            coefs = calibrate(occ, log_prob, [x.detach() for x in q], old_log_prob, masks, group=dp_group)
         else:
             occ, coefs = None, [mtp.mtp_loss_scaling_factor] * depths
 
         policy_loss_fn = get_policy_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))
         aggregation = AggregationType.SUM if _global_info_set(config, data) else AggregationType.MEAN
-        term = log_prob.new_zeros(())
+        term = mtp_log_probs.new_zeros(())
         metrics: dict[str, Any] = {}
         for k, (weight, coef) in enumerate(zip(mtp.step_weights(depths), coefs), start=1):
             pg_loss, pg_metrics = policy_loss_fn(
