@@ -11,37 +11,24 @@ attention accepts; the test hands megatron's local attention the equivalent 4-D 
 path needs TransformerEngine and is covered by the packed tests of the pieces.
 """
 
-from functools import partial
-from types import SimpleNamespace
-
 import pytest
 import torch
-import verl.utils.tensordict_utils as tu
-from verl.utils.torch_functional import expand_as_nested
 from verl.workers.utils.losses import ppo_loss
 
 from verl_mtp.config import ExtendedMtpConfig
 from verl_mtp.loss import MtpPolicyLoss
 from verl_mtp.megatron.compat import expected_gradient_reach
 from verl_mtp.megatron.grad_reach import gradient_norms_by_group
-from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt, causal_mask, cpu_megatron
+from verl_mtp.testing import engine_step
+from verl_mtp.testing.tiny_megatron import TinyGPTSpec, cpu_megatron
 
 pytestmark = pytest.mark.megatron
 
 PROMPTS, RESPONSES, DEPTHS, TEMPERATURE = [3, 2, 4], [4, 5, 2], 2, 0.8
 
 
-def nested(xs):
-    return torch.nested.nested_tensor(xs, layout=torch.jagged)
-
-
 def build(mtp: ExtendedMtpConfig):
-    import verl.workers.engine.megatron.transformer_impl as engine_module
-
-    model = build_tiny_gpt(TinyGPTSpec(mtp_num_layers=DEPTHS))
-    engine_module.patch_engine_mtp(model, SimpleNamespace(mtp=mtp))  # verl's patch + verl-mtp's
-    inner = model.forward
-    model.forward = lambda *a, attention_mask=None, **kw: inner(*a, attention_mask=causal_mask(kw["input_ids"].shape[1]), **kw)
+    model = engine_step.build_engine_model(mtp, TinyGPTSpec(mtp_num_layers=DEPTHS))
     captured = {}
     model.mtp.register_forward_hook(lambda module, args, output: captured.__setitem__("hidden", output))
     return model, captured
@@ -55,43 +42,13 @@ def batch(seed=0):
 
 
 def engine_forward(model, prompts, responses, mtp_enable_train=True):
-    import verl.workers.engine.megatron.transformer_impl as engine_module
-    from verl.models.mcore.model_forward import gptmodel_forward_model_engine
-
-    input_ids = nested([torch.cat([p, r]) for p, r in zip(prompts, responses)])
-    fake_engine = SimpleNamespace(engine_config=SimpleNamespace(entropy_from_logits_with_chunking=False))
-    processor = partial(
-        engine_module.MegatronEngineWithLMHead._lm_head_logits_processor, fake_engine,
-        calculate_sum_pi_squared=False, calculate_entropy=True, distillation_use_topk=False,
-        distillation_only=False, logits_processor_func=None, batch=None, data_format="bshd",
-    )
-    args = {
-        "label": input_ids.clone(),
-        "temperature": expand_as_nested(torch.full((len(PROMPTS),), TEMPERATURE), input_ids),
-        "loss_mask": nested([torch.ones(r) for r in RESPONSES]),
-    }
-    with cpu_megatron():
-        return gptmodel_forward_model_engine(
-            model, input_ids, {}, logits_processor=processor, logits_processor_args=args,
-            data_format="bshd", mtp_enable_train=mtp_enable_train,
-        )
+    return engine_step.engine_forward(model, prompts, responses, TEMPERATURE, mtp_enable_train)
 
 
 def loss_inputs(prompts, responses, g, mtp):
-    from verl.workers.config.actor import ActorConfig
-
-    config = ActorConfig(strategy="megatron", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1)
-    config.model_config = SimpleNamespace(mtp=mtp)
-    data = tu.get_tensordict(
-        {
-            "prompts": nested(prompts), "responses": nested(responses),
-            "response_mask": nested([torch.ones(r) for r in RESPONSES]),
-            "old_log_probs": nested([-torch.rand(r, generator=g) * 4 for r in RESPONSES]),
-            "advantages": nested([torch.randn(r, generator=g) for r in RESPONSES]),
-        },
-        {"dp_size": 1, "batch_num_tokens": sum(RESPONSES), "global_batch_size": len(PROMPTS)},
-    )
-    return config, data
+    old = [-torch.rand(r, generator=g) * 4 for r in RESPONSES]
+    advantages = [torch.randn(r, generator=g) for r in RESPONSES]
+    return engine_step.actor_loss_inputs(prompts, responses, old, advantages, mtp)
 
 
 def test_engine_forward_delivers_aligned_mtp_log_probs_equal_to_reference():
