@@ -100,6 +100,22 @@ def test_apply_is_idempotent_and_undo_restores_verl():
     from verl_mtp import plugin
     from verl_mtp.config import ExtendedMtpConfig
 
+    import verl.utils.megatron_utils as megatron_utils
+    import verl.workers.engine.megatron.transformer_impl as engine_module
+    import verl.workers.engine_workers as engine_workers
+    from verl.workers.utils.losses import ppo_loss
+
+    from verl_mtp.loss import MtpPolicyLoss
+
+    def deferred_patched():
+        return (
+            isinstance(engine_workers.ppo_loss, MtpPolicyLoss),
+            hasattr(megatron_utils.check_mtp_config, "__verl_mtp_original__"),
+            hasattr(engine_module.MegatronEngineWithLMHead._lm_head_logits_processor, "__verl_mtp_original__"),
+            hasattr(engine_module.patch_engine_mtp, "__verl_mtp_original__"),
+        )
+
+    assert deferred_patched() == (True, True, True, True)
     wrapped = verl_config.validate_config
     original = wrapped.__verl_mtp_original__
     assert plugin.apply_patches()
@@ -107,6 +123,8 @@ def test_apply_is_idempotent_and_undo_restores_verl():
 
     plugin.deactivate()
     try:
+        assert deferred_patched() == (False, False, False, False)
+        assert engine_workers.ppo_loss is ppo_loss
         assert verl_config.validate_config is original
         assert config_pkg.MtpConfig is model_mod.MtpConfig is rollout_mod.MtpConfig
         assert config_pkg.MtpConfig is not ExtendedMtpConfig
@@ -117,6 +135,8 @@ def test_apply_is_idempotent_and_undo_restores_verl():
         assert plugin.apply_patches()
     assert config_pkg.MtpConfig is ExtendedMtpConfig
     assert verl_config.validate_config.__verl_mtp_original__ is original
+    assert deferred_patched() == (True, True, True, True)
+    assert engine_workers.ppo_loss.stock_loss is ppo_loss  # re-applied on the original, not nested
 
 
 def test_a_failing_patch_is_reported_and_others_still_apply(capsys):
