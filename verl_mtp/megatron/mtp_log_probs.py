@@ -63,10 +63,11 @@ def mtp_raw_log_probs(
         labels_k, _ = roll_tensor(labels_k, **roll)
         in_sequence, _ = roll_tensor(in_sequence, **roll)
         logits = _output_logits(output_layer, hidden, output_weight, detach_output_layer, runtime_gather_output)
-        logits = logits.transpose(0, 1).contiguous()  # [b, s, V / tp]
+        # Score in megatron's [s, b, V/tp] layout and scale in place (the output layer does not
+        # need its output for backward): no extra vocabulary-sized copies per depth.
         if temperature is not None:
-            logits = logits / temperature.unsqueeze(-1).to(logits.dtype)
-        log_probs.append(vocab_parallel_log_probs_from_logits(logits, labels_k))
+            logits.div_(temperature.transpose(0, 1).unsqueeze(-1).to(logits.dtype))
+        log_probs.append(vocab_parallel_log_probs_from_logits(logits, labels_k.transpose(0, 1).contiguous()).transpose(0, 1))
         valid.append(in_sequence > 0)
         del logits  # one depth's vocabulary-sized logits alive at a time (plus what autograd keeps)
     return torch.stack(log_probs, dim=-1), torch.stack(valid, dim=-1)
