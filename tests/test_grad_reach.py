@@ -1,37 +1,39 @@
 """Gradient reach of each MTP regime, measured on a real tiny megatron-core model on CPU.
 
-The measurement applies each regime the way verl's Megatron engine does (verl's own
-``patch_engine_mtp``; labels only when MTP trains) and compares it with the table verl-mtp
-documents for the installed megatron-core (``verl_mtp.megatron.compat``) and prints in ``explain``.
+The measurement applies each regime the way verl's Megatron engine does (the engine's
+``patch_engine_mtp``; labels only when MTP trains) and compares it with the tables verl-mtp
+documents (``verl_mtp.megatron.compat``) and prints in ``explain``: what verl-mtp does, and what
+stock verl would do on the installed megatron-core.
 """
 
 import pytest
 import torch
 
-from verl_mtp.megatron.compat import EXPECTED_GRADIENT_REACH, expected_gradient_reach, megatron_core_version, mtp_api
+from verl_mtp.megatron.compat import STOCK_VERL_GRADIENT_REACH, expected_gradient_reach, megatron_core_version, mtp_api
 from verl_mtp.megatron.grad_reach import PARAM_GROUPS, measure_mtp_gradient_reach, param_group
 from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron, random_batch
 
 pytestmark = pytest.mark.megatron
 
 
+@pytest.mark.parametrize("stock_verl", [False, True], ids=["verl-mtp", "stock-verl"])
 @pytest.mark.parametrize("depths", [1, 2])
 @pytest.mark.parametrize("regime", ["disabled", "standalone", "joint"])
-def test_measured_reach_matches_documented_table(regime, depths, capsys):
+def test_measured_reach_matches_documented_table(regime, depths, stock_verl, capsys):
     spec = TinyGPTSpec(mtp_num_layers=depths)
-    norms = measure_mtp_gradient_reach(build_tiny_gpt(spec), regime, random_batch(spec))
+    norms = measure_mtp_gradient_reach(build_tiny_gpt(spec), regime, random_batch(spec), stock_verl=stock_verl)
     reached = {group for group, norm in norms.items() if norm > 0.0}
     with capsys.disabled():
-        print(f"\n[grad-reach] megatron-core {megatron_core_version()} ({mtp_api()}) {regime} depths={depths}: "
-              + ", ".join(f"{g}={norms[g]:.4g}" for g in PARAM_GROUPS))
-    assert reached == set(expected_gradient_reach(regime))
+        print(f"\n[grad-reach] {'stock verl' if stock_verl else 'verl-mtp'} megatron-core {megatron_core_version()} "
+              f"({mtp_api()}) {regime} depths={depths}: " + ", ".join(f"{g}={norms[g]:.4g}" for g in PARAM_GROUPS))
+    assert reached == set(expected_gradient_reach(regime, stock_verl=stock_verl))
     # Groups outside the reach get exactly zero, not a small number.
     for group in set(PARAM_GROUPS) - reached:
         assert norms[group] == 0.0
 
 
 def test_installed_version_has_a_known_api():
-    assert mtp_api() in EXPECTED_GRADIENT_REACH
+    assert mtp_api() in STOCK_VERL_GRADIENT_REACH
 
 
 def test_every_parameter_of_the_tiny_model_has_a_group():

@@ -165,7 +165,7 @@ def test_entropy_and_kl_keep_the_mtp_term():
 
 
 def test_occ_coefficients_come_from_calibration():
-    config = make_config(mtp_coef_mode="occ")
+    config = make_config(mtp_coef_mode="occ", occ_scope="micro_batch")
     data, output, ref = make_batch()
     loss_fn = MtpPolicyLoss(ppo_loss)
     ours, metrics = loss_fn(config, output, data)

@@ -84,7 +84,7 @@ def test_engine_forward_delivers_aligned_mtp_log_probs_equal_to_reference():
 @pytest.mark.parametrize("regime", ["standalone", "joint"])
 def test_policy_loss_term_gradient_reach(regime):
     # The table explain prints for mtp_loss_type=rl, measured here on the installed megatron-core.
-    reached = set(expected_gradient_reach(regime, loss_type="rl"))
+    reached = set(expected_gradient_reach(regime))
     mtp = ExtendedMtpConfig(mtp_training_mode=regime, mtp_loss_type="rl", mtp_loss_scaling_factor=1.0)
     model, _ = build(mtp)
     prompts, responses, g = batch(1)
@@ -101,7 +101,7 @@ def test_installed_actor_loss_trains_the_mtp_head_with_occ():
     import verl.workers.engine_workers as engine_workers
 
     assert isinstance(engine_workers.ppo_loss, MtpPolicyLoss)  # the name init_model binds
-    mtp = ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ")
+    mtp = ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ", occ_scope="micro_batch")
     model, _ = build(mtp)
     prompts, responses, g = batch(2)
     config, data = loss_inputs(prompts, responses, g, mtp)
@@ -123,16 +123,17 @@ def test_installed_actor_loss_trains_the_mtp_head_with_occ():
     assert any("eh_proj" in n for n in changed) and any("layers.1." in n for n in changed)
 
 
-def test_ce_runs_keep_verls_forward():
+def test_ce_runs_score_no_mtp_log_probs_but_report_agreement():
     mtp = ExtendedMtpConfig(mtp_training_mode="standalone", mtp_loss_type="ce")
     model, _ = build(mtp)
     prompts, responses, _ = batch(3)
     out = engine_forward(model, prompts, responses)
     assert "mtp_log_probs" not in out and "log_probs" in out
+    assert {"mtp_agree", "mtp_valid"} <= set(out)
 
 
 def test_a_stash_never_reaches_another_forwards_output():
-    from verl_mtp.megatron import rl_forward
+    from verl_mtp.megatron import mtp_forward
 
     mtp = ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl")
     model, _ = build(mtp)
@@ -140,7 +141,7 @@ def test_a_stash_never_reaches_another_forwards_output():
     labels = torch.roll(torch.cat([prompts[0], responses[0]]).unsqueeze(0), -1, dims=-1)
     with cpu_megatron():  # a forward with labels whose logits never go through the processor
         model(input_ids=labels, position_ids=torch.arange(labels.shape[1]).unsqueeze(0), attention_mask=None, labels=labels)
-    assert rl_forward._slot.pending is not None
+    assert mtp_forward._slot.pending is not None
     out = engine_forward(model, prompts, responses, mtp_enable_train=False)  # no MTP in this forward
     assert "mtp_log_probs" not in out
-    assert rl_forward._slot.pending is None
+    assert mtp_forward._slot.pending is None

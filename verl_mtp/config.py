@@ -25,6 +25,9 @@ COEF_MODES = ("fixed", "occ")
 # What OCC's lambda is when pi_theta == pi_old (first mini-batch of a step): the proxy
 # numerator is exactly 0 there, so the paper's formula would switch the MTP term off.
 OCC_ON_POLICY_COEFS = ("previous", "zero", "fixed")
+# Which tokens OCC's sums run over: the whole global mini-batch (exact; one extra no-grad forward
+# of the mini-batch) or each micro-batch across data-parallel ranks (free; the paper's cost).
+OCC_SCOPES = ("mini_batch", "micro_batch")
 
 MTP_KEY_PREFIX = "actor_rollout_ref.model.mtp"
 
@@ -68,6 +71,9 @@ class ExtendedMtpConfig(VerlMtpConfig):
         occ_on_policy_coef: lambda when pi_theta == pi_old (OCC numerator exactly 0):
             ``previous`` = last lambda measured off-policy (0 before the first), ``zero``,
             ``fixed`` = ``mtp_loss_scaling_factor``.
+        occ_scope: ``mini_batch`` = sums over the whole global mini-batch before its update (an
+            extra no-grad forward of the mini-batch), ``micro_batch`` = sums over each
+            micro-batch on all data-parallel ranks (no extra compute).
     Depths:
         mtp_step_weight_beta: depth k's loss weight is beta**(k-1); 1.0 = uniform.
         mtp_num_layers: how many MTP depths to use; None = all the checkpoint has.
@@ -82,6 +88,7 @@ class ExtendedMtpConfig(VerlMtpConfig):
     occ_coef_min: Optional[float] = None
     occ_coef_max: Optional[float] = None
     occ_on_policy_coef: str = "previous"
+    occ_scope: str = "mini_batch"
     mtp_step_weight_beta: float = 1.0
     mtp_num_layers: Optional[int] = None
 
@@ -131,6 +138,7 @@ class ExtendedMtpConfig(VerlMtpConfig):
         _check_choice("mtp_loss_type", self.mtp_loss_type, LOSS_TYPES)
         _check_choice("mtp_coef_mode", self.mtp_coef_mode, COEF_MODES)
         _check_choice("occ_on_policy_coef", self.occ_on_policy_coef, OCC_ON_POLICY_COEFS)
+        _check_choice("occ_scope", self.occ_scope, OCC_SCOPES)
         _check_finite("mtp_loss_scaling_factor", self.mtp_loss_scaling_factor, minimum=0.0)
         _check_finite("occ_scale", self.occ_scale, minimum=0.0, strict=True)
         _check_finite("occ_eps", self.occ_eps, minimum=0.0, strict=True)

@@ -76,6 +76,7 @@ def _coef_summary(mtp: ExtendedMtpConfig) -> dict[str, Any]:
         "ema_decay": mtp.occ_ema_decay,
         "clip": [mtp.occ_coef_min, mtp.occ_coef_max],
         "on_policy": mtp.occ_on_policy_coef,
+        "scope": mtp.occ_scope,
     }
 
 
@@ -92,14 +93,18 @@ def build_plan(config) -> MtpPlan:
     with warnings.catch_warnings():  # megatron-core warns about missing TE/Apex on import
         warnings.simplefilter("ignore")
         api = mtp_api()
-    reach = expected_gradient_reach(mtp.mtp_training_mode, api, mtp.mtp_loss_type) if mtp.enable else ()
+    reach = expected_gradient_reach(mtp.mtp_training_mode, api) if mtp.enable else ()
     if api is None:
         notes.append("megatron-core is not installed here, so the gradient reach is unknown")
-    elif mtp.mtp_training_mode == "standalone" and "lm_head" in (reach or ()):
-        notes.append(
-            "this megatron-core trains lm_head with the MTP loss even in standalone mode "
-            "(process_mtp_loss uses the live output layer)"
-        )
+    elif mtp.enable:
+        stock = expected_gradient_reach(mtp.mtp_training_mode, api, stock_verl=True)
+        if set(stock) != set(reach):
+            notes.append(
+                f"stock verl on this megatron-core would send MTP gradient to "
+                f"{', '.join(GROUP_LABELS[g] for g in stock)}; verl-mtp's MTP forward makes the regime hold"
+            )
+    if mtp.mtp_coef_mode == "occ" and mtp.occ_scope == "mini_batch":
+        notes.append("OCC over the whole mini-batch: one extra no-grad forward per mini-batch (occ_scope=micro_batch avoids it)")
     if mtp.mtp_coef_mode == "occ" and mtp.mtp_training_mode == "standalone":
         notes.append("OCC with standalone: the MTP term reaches no shared parameter, so lambda only rescales the head")
 

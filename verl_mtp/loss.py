@@ -11,22 +11,30 @@ so entropy and KL terms are kept and lambda = 0 reproduces stock verl exactly.
 The forward delivers, next to ``log_probs`` and un-packed the same way, in megatron's own indexing:
     model_output["mtp_log_probs"]  [tokens, K]: [t, k-1] = log q_k(input_ids[t+k+1])
     model_output["mtp_valid"]      [tokens, K]: that label lies inside the sequence
+    model_output["mtp_agree"]      [tokens, K]: depth k's argmax is that label (both loss types)
 ``verl_mtp.align`` shifts them onto the main head's positions per sequence. Tokens without a
 valid prediction leave the depth's mask; they are never zero-filled into a mean.
+
+OCC with ``occ_scope=mini_batch``: before a mini-batch's update, the engine runs one no-grad
+forward of the whole mini-batch (``run_occ_prepass``, hooked into the engine's ``train_batch``)
+whose loss function only accumulates OCC's sums; lambda is then fixed for every micro-batch of
+that update. With ``micro_batch`` each micro-batch's sums (over all DP ranks) give its lambda.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Optional
 
 import torch
 
 from verl_mtp.align import align_mtp_to_main_head
 from verl_mtp.config import as_extended
-from verl_mtp.occ import OccCoefficient, calibrate
+from verl_mtp.occ import OccCoefficient, all_reduce_sums, calibrate, occ_partial_sums
 
 MTP_LOG_PROBS_KEY = "mtp_log_probs"
 MTP_VALID_KEY = "mtp_valid"
+MTP_AGREE_KEY = "mtp_agree"
 
 
 class MtpLossError(RuntimeError):
@@ -45,6 +53,10 @@ class MtpPolicyLoss:
     def __init__(self, stock_loss: Callable):
         self.stock_loss = stock_loss
         self._occ: dict[int, list[OccCoefficient]] = {}
+        # occ_scope=mini_batch, keyed by id(actor config): sums of the running pre-pass, and the
+        # lambdas fixed for the mini-batch being trained.
+        self._occ_pending: dict[int, torch.Tensor] = {}
+        self._occ_frozen: dict[int, list[float]] = {}
 
     def occ_coefficients(self, config: Any, mtp, depths: int) -> list[OccCoefficient]:
         coefs = self._occ.get(id(config))
@@ -57,49 +69,84 @@ class MtpPolicyLoss:
         loss, metrics = self.stock_loss(config, model_output, data, dp_group)
         model_config = getattr(config, "model_config", None)
         mtp = as_extended(getattr(model_config, "mtp", None))
-        if not (mtp.enable_train and mtp.mtp_loss_type == "rl"):
+        if not mtp.enable_train:
+            return loss, metrics
+        if MTP_AGREE_KEY in model_output:
+            metrics.update(agreement_metrics(config, model_output, data))
+        if mtp.mtp_loss_type != "rl":
             return loss, metrics
         term, mtp_metrics = self.mtp_term(config, mtp, model_output, data, dp_group)
         metrics.update(mtp_metrics)
         return loss + term, metrics
 
+    # --- occ_scope=mini_batch --------------------------------------------------------------
+
+    def occ_prepass_loss(self, config, model_output, data, dp_group=None):
+        """Loss function of the pre-pass: accumulates this rank's OCC sums, trains nothing."""
+        mtp = as_extended(config.model_config.mtp)
+        log_prob, q, old_log_prob, masks = _occ_inputs(model_output, data)
+        partial = torch.stack([occ_partial_sums(log_prob, x, old_log_prob, m) for x, m in zip(q, masks)])
+        running = self._occ_pending.get(id(config))
+        self._occ_pending[id(config)] = partial if running is None else running + partial
+        return log_prob.new_zeros(()), {}
+
+    def run_occ_prepass(self, engine, data, config) -> list[float]:
+        """One no-grad forward of the mini-batch ``data`` on ``engine``; fixes lambda for it.
+
+        Runs in eval mode, as verl computes the old log-probs, so the first mini-batch of a step
+        sees pi_theta == pi_old exactly.
+        """
+        self._occ_pending.pop(id(config), None)
+        modules = engine.module if isinstance(engine.module, (list, tuple)) else [engine.module]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            with torch.no_grad():
+                engine.forward_backward_batch(data, functools.partial(self.occ_prepass_loss, config=config), forward_only=True)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+        partial = self._occ_pending.pop(id(config), None)
+        if partial is None:
+            raise MtpLossError("the OCC pre-pass ran no micro-batch through its loss function")
+        total = all_reduce_sums(partial, group=engine.get_data_parallel_group())
+        mtp = as_extended(config.model_config.mtp)
+        occ = self.occ_coefficients(config, mtp, total.shape[0])
+        self._occ_frozen[id(config)] = [coef.update(sums) for coef, sums in zip(occ, total)]
+        return self._occ_frozen[id(config)]
+
+    def end_occ_mini_batch(self, config) -> None:
+        self._occ_frozen.pop(id(config), None)
+
     def mtp_term(self, config, mtp, model_output, data, dp_group=None) -> tuple[torch.Tensor, dict]:
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
         from verl.utils.metric import AggregationType, Metric
-        from verl.workers.utils.padding import no_padding_2_padding
 
-        missing = [k for k in (MTP_LOG_PROBS_KEY, MTP_VALID_KEY) if k not in model_output]
-        if missing:
-            raise MtpLossError(
-                f"mtp_loss_type=rl but the model forward delivered no {', '.join(missing)}; the MTP "
-                f"log-prob forward patch is not active in this worker (check the [verl-mtp] lines in its log)"
-            )
-        aligned, aligned_valid = align_mtp_to_main_head(model_output[MTP_LOG_PROBS_KEY], model_output[MTP_VALID_KEY])
-        mtp_log_probs = no_padding_2_padding(aligned, data)
-        mtp_valid = no_padding_2_padding(aligned_valid, data).bool()
-        depths = mtp_log_probs.shape[-1]
-
-        fields = ["response_mask", "old_log_probs", "advantages"]
-        if "rollout_is_weights" in data:
-            fields.append("rollout_is_weights")
-        padded = data.select(*fields).to_padded_tensor()
-        response_mask = padded["response_mask"].bool()
-        old_log_prob = padded["old_log_probs"]
-        masks = [response_mask & mtp_valid[..., k] for k in range(depths)]
-        # verl aggregates with mask multiplication (NaN * 0 = NaN), so positions without a valid
-        # prediction get the old log-prob (ratio 1, no gradient) besides leaving the mask.
-        q = [torch.where(m, mtp_log_probs[..., k], old_log_prob.detach()) for k, m in enumerate(masks)]
+        per_micro_batch_occ = mtp.mtp_coef_mode == "occ" and mtp.occ_scope == "micro_batch"
+        log_prob, q, old_log_prob, masks = _occ_inputs(model_output, data, with_grad=True, main=per_micro_batch_occ)
+        depths = len(q)
+        padded = _padded(data, ["advantages"] + (["rollout_is_weights"] if "rollout_is_weights" in data else []))
 
         if mtp.mtp_coef_mode == "occ":
-            log_prob = no_padding_2_padding(model_output["log_probs"], data).detach()
             occ = self.occ_coefficients(config, mtp, depths)
-            coefs = calibrate(occ, log_prob, [x.detach() for x in q], old_log_prob, masks, group=dp_group)
+            if mtp.occ_scope == "mini_batch":
+                coefs = self._occ_frozen.get(id(config))
+                if coefs is None:
+                    raise MtpLossError(
+                        "occ_scope=mini_batch but no OCC pre-pass ran for this mini-batch: the engine "
+                        "train_batch patch (occ_mini_batch_prepass) is not active in this worker (check the "
+                        "[verl-mtp] lines in its log); set actor_rollout_ref.model.mtp.occ_scope=micro_batch "
+                        "to calibrate per micro-batch instead"
+                    )
+            else:
+                coefs = calibrate(occ, log_prob, [x.detach() for x in q], old_log_prob, masks, group=dp_group)
         else:
             occ, coefs = None, [mtp.mtp_loss_scaling_factor] * depths
 
         policy_loss_fn = get_policy_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))
         aggregation = AggregationType.SUM if _global_info_set(config, data) else AggregationType.MEAN
-        term = mtp_log_probs.new_zeros(())
+        term = old_log_prob.new_zeros(())
         metrics: dict[str, Any] = {}
         for k, (weight, coef) in enumerate(zip(mtp.step_weights(depths), coefs), start=1):
             pg_loss, pg_metrics = policy_loss_fn(
@@ -133,3 +180,88 @@ def _global_info_set(config, data) -> bool:
         or data["global_batch_size"] is not None
         or config.loss_scale_factor is not None
     )
+
+
+def _padded(data, fields: list[str]):
+    return data.select("response_mask", "old_log_probs", *fields).to_padded_tensor()
+
+
+def _aligned_padded(model_output, data, key: str):
+    """``model_output[key]`` [tokens, K] on response positions: padded [B, R, K] and its validity."""
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    values, valid = model_output[key], model_output[MTP_VALID_KEY]
+    aligned, aligned_valid = align_mtp_to_main_head(values, valid)
+    return no_padding_2_padding(aligned, data), no_padding_2_padding(aligned_valid, data).bool()
+
+
+def _occ_inputs(model_output, data, with_grad: bool = False, main: bool = True):
+    """Main log-probs (None unless ``main``), per-depth MTP log-probs, old log-probs and per-depth
+    masks, padded [B, R]; the MTP log-probs keep their gradient only ``with_grad``.
+
+    A depth's mask is the response mask minus positions with no valid prediction. Those positions
+    get the old log-prob (ratio 1, no gradient) besides leaving the mask: verl aggregates with
+    mask multiplication, where NaN * 0 = NaN.
+    """
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    missing = [k for k in (MTP_LOG_PROBS_KEY, MTP_VALID_KEY) if k not in model_output]
+    if missing:
+        raise MtpLossError(
+            f"mtp_loss_type=rl but the model forward delivered no {', '.join(missing)}; the MTP "
+            f"forward patch is not active in this worker (check the [verl-mtp] lines in its log)"
+        )
+    mtp_log_probs, mtp_valid = _aligned_padded(model_output, data, MTP_LOG_PROBS_KEY)
+    padded = _padded(data, [])
+    response_mask = padded["response_mask"].bool()
+    old_log_prob = padded["old_log_probs"]
+    masks = [response_mask & mtp_valid[..., k] for k in range(mtp_log_probs.shape[-1])]
+    q = [torch.where(m, mtp_log_probs[..., k], old_log_prob.detach()) for k, m in enumerate(masks)]
+    log_prob = no_padding_2_padding(model_output["log_probs"], data).detach() if main else None
+    return log_prob, (q if with_grad else [x.detach() for x in q]), old_log_prob, masks
+
+
+def agreement_metrics(config, model_output, data) -> dict:
+    """actor/mtp_{k}/draft_agreement: fraction of response tokens whose depth-k argmax is the sampled token.
+
+    Positions without a depth-k prediction count as disagreement. Aggregated like verl's token-mean
+    losses: each micro-batch contributes count / (response tokens of the global mini-batch) and
+    the values are summed, so the result is exact over all micro-batches and DP ranks.
+    """
+    from verl.utils.metric import AggregationType, Metric
+
+    agree, valid = _aligned_padded(model_output, data, MTP_AGREE_KEY)
+    response_mask = _padded(data, [])["response_mask"].bool()
+    global_tokens = data["batch_num_tokens"] if "batch_num_tokens" in data.keys() else None
+    metrics = {}
+    for k in range(agree.shape[-1]):
+        count = (response_mask & valid[..., k] & agree[..., k].bool()).sum().float()
+        if global_tokens:
+            value, how = count * data["dp_size"] / global_tokens, AggregationType.SUM
+        else:
+            value, how = count / response_mask.sum().clamp(min=1), AggregationType.MEAN
+        metrics[f"actor/mtp_{k + 1}/draft_agreement"] = Metric(value=value, aggregation=how)
+    return metrics
+
+
+# The one MtpPolicyLoss the plugin installs (engine_workers' ppo_loss and the distillation loss's
+# share it, so OCC's state is one per actor config).
+_installed: Optional[MtpPolicyLoss] = None
+
+
+def installed_policy_loss(stock_loss: Callable) -> MtpPolicyLoss:
+    global _installed
+    if _installed is None or _installed.stock_loss is not stock_loss:
+        _installed = MtpPolicyLoss(stock_loss)
+    return _installed
+
+
+def occ_prepass_target(loss_function) -> Optional[tuple[MtpPolicyLoss, Any]]:
+    """(installed loss, actor config) if ``loss_function`` trains an rl+OCC mini_batch-scope actor."""
+    config = getattr(loss_function, "keywords", {}).get("config") if isinstance(loss_function, functools.partial) else None
+    if _installed is None or config is None:
+        return None
+    mtp = as_extended(getattr(getattr(config, "model_config", None), "mtp", None))
+    if mtp.enable_train and mtp.mtp_loss_type == "rl" and mtp.mtp_coef_mode == "occ" and mtp.occ_scope == "mini_batch":
+        return _installed, config
+    return None

@@ -339,45 +339,56 @@ DEPTH_OVERRIDE = deferred_patch(
 )
 
 
-# --- patch 4: the Megatron engine forward delivers MTP log-probs (mtp_loss_type=rl) -------------
+# --- patch 4: the Megatron engine runs verl-mtp's MTP forward (both loss types) ---------------
 
 
-def _rl_patch_engine_mtp(original: Callable) -> Callable:
+def _mtp_forward_patch_engine_mtp(original: Callable) -> Callable:
     @functools.wraps(original)
     def patch_engine_mtp(module, model_config):
         from verl.models.mcore.mtp_patch import _get_patching_model
 
         from verl_mtp.config import as_extended
-        from verl_mtp.megatron.rl_forward import install_rl_postprocess
+        from verl_mtp.megatron.mtp_forward import MtpForwardPlan, install_mtp_postprocess
 
         original(module, model_config)
         mtp = as_extended(model_config.mtp)
-        if not (mtp.enable_train and mtp.mtp_loss_type == "rl"):
+        if not mtp.enable_train:
             return
         for chunk in module if isinstance(module, list) else [module]:
             model = _get_patching_model(chunk)
-            if model is not None and getattr(model, "mtp", None) is not None:
-                # standalone: the policy-loss gradient must not reach the lm_head either.
-                install_rl_postprocess(model, detach_output_layer=mtp.detach_encoder)
+            if model is None or getattr(model, "mtp", None) is None:
+                continue
+            depths = model.config.mtp_num_layers
+            # ce keeps megatron's convention (the scaling factor split evenly over depths) so
+            # beta = 1 reproduces verl's loss exactly.
+            scale = model.config.mtp_loss_scaling_factor / depths
+            plan = MtpForwardPlan(
+                loss_type=mtp.mtp_loss_type,
+                # standalone: no MTP gradient into the lm_head either (verl's 0.18 path leaks it)
+                detach_output_layer=mtp.detach_encoder,
+                ce_depth_scales=tuple(scale * w for w in mtp.step_weights(depths)),
+            )
+            install_mtp_postprocess(model, plan)
 
     patch_engine_mtp.__verl_mtp_original__ = original
     return patch_engine_mtp
 
 
 def _patch_megatron_engine(module: Any, restore: list) -> None:
-    from verl_mtp.megatron.rl_forward import logits_processor_with_mtp
+    from verl_mtp.megatron.mtp_forward import logits_processor_with_mtp
 
     engine_cls = _require(module, "MegatronEngineWithLMHead")
     processor = getattr(engine_cls, "_lm_head_logits_processor", None)
     if processor is None or "temperature" not in inspect.signature(processor).parameters:
         raise PatchError("MegatronEngineWithLMHead._lm_head_logits_processor(logits, label, temperature, ...) not found")
-    _replace(module, "patch_engine_mtp", _rl_patch_engine_mtp(_require(module, "patch_engine_mtp")), restore)
+    _replace(module, "patch_engine_mtp", _mtp_forward_patch_engine_mtp(_require(module, "patch_engine_mtp")), restore)
     _replace(engine_cls, "_lm_head_logits_processor", logits_processor_with_mtp(processor), restore)
 
 
-RL_MTP_FORWARD = deferred_patch(
-    "rl_mtp_forward",
-    "with mtp_loss_type=rl the Megatron engine returns per-depth MTP log-probs in model_output",
+MTP_FORWARD = deferred_patch(
+    "mtp_forward",
+    "the Megatron engine runs verl-mtp's MTP loss forward (regime-true detach, step weights) and returns "
+    "per-depth MTP log-probs (rl) and draft agreement in model_output",
     {"verl.workers.engine.megatron.transformer_impl": _patch_megatron_engine},
 )
 
@@ -386,11 +397,11 @@ RL_MTP_FORWARD = deferred_patch(
 
 
 def _patch_loss_name(module: Any, restore: list) -> None:
-    from verl_mtp.loss import MtpPolicyLoss
+    from verl_mtp.loss import MtpPolicyLoss, installed_policy_loss
 
     stock = _require(module, "ppo_loss")
     if not isinstance(stock, MtpPolicyLoss):
-        _replace(module, "ppo_loss", MtpPolicyLoss(stock), restore)
+        _replace(module, "ppo_loss", installed_policy_loss(stock), restore)
 
 
 MTP_POLICY_LOSS = deferred_patch(
@@ -401,4 +412,49 @@ MTP_POLICY_LOSS = deferred_patch(
 )
 
 
-ALL_PATCHES = (EXTENDED_MTP_CONFIG, DRIVER_VALIDATION, DEPTH_OVERRIDE, RL_MTP_FORWARD, MTP_POLICY_LOSS)
+# --- patch 6: OCC over the whole mini-batch (occ_scope=mini_batch) ------------------------------
+
+
+def _occ_prepass_train_batch(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def train_batch(self, data, loss_function):
+        from verl_mtp.loss import occ_prepass_target
+
+        target = occ_prepass_target(loss_function)
+        if target is None:
+            return original(self, data, loss_function)
+        policy_loss, config = target
+        policy_loss.run_occ_prepass(self, data, config)  # fixes lambda for this mini-batch
+        try:
+            return original(self, data, loss_function)
+        finally:
+            policy_loss.end_occ_mini_batch(config)
+
+    train_batch.__verl_mtp_original__ = original
+    return train_batch
+
+
+def _patch_engine_train_batch(module: Any, restore: list) -> None:
+    engine_cls = _require(module, "BaseEngine")
+    original = getattr(engine_cls, "train_batch", None)
+    if original is None or list(inspect.signature(original).parameters) != ["self", "data", "loss_function"]:
+        raise PatchError("BaseEngine.train_batch(self, data, loss_function) not found")
+    _replace(engine_cls, "train_batch", _occ_prepass_train_batch(original), restore)
+
+
+OCC_MINI_BATCH_PREPASS = deferred_patch(
+    "occ_mini_batch_prepass",
+    "with OCC and occ_scope=mini_batch the engine's train_batch first runs a no-grad forward of the "
+    "mini-batch that fixes lambda from the whole global mini-batch",
+    {"verl.workers.engine.base": _patch_engine_train_batch},
+)
+
+
+ALL_PATCHES = (
+    EXTENDED_MTP_CONFIG,
+    DRIVER_VALIDATION,
+    DEPTH_OVERRIDE,
+    MTP_FORWARD,
+    MTP_POLICY_LOSS,
+    OCC_MINI_BATCH_PREPASS,
+)

@@ -3,7 +3,7 @@
 megatron-core <= 0.16 computes MTP losses in ``GPTModel._postprocess`` ("legacy"); 0.18 adds
 ``process_mtp_loss`` ("process_mtp_loss"). verl's MTP postprocess follows the same split, and the
 split decides where MTP gradient leaks (DESIGN.md section 7.3). ``tests/test_grad_reach.py``
-re-measures ``EXPECTED_GRADIENT_REACH`` on a real model for the installed version.
+re-measures both tables on a real model for the installed version.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from importlib.metadata import PackageNotFoundError, version
 LEGACY_API = "legacy"
 PROCESS_MTP_LOSS_API = "process_mtp_loss"
 
-# mtp_loss_type=ce: regime -> parameter groups that receive gradient from the MTP term, per API
-# generation, through stock verl 0.9.1's MTP postprocess. Measured on megatron-core 0.16.1 and 0.18.2.
-EXPECTED_GRADIENT_REACH = {
+# What stock verl 0.9.1's MTP postprocess does (mtp_loss_type=ce), per API generation: regime ->
+# parameter groups that receive gradient from the MTP term. Measured on megatron-core 0.16.1 and
+# 0.18.2; verl-mtp replaces this postprocess (see GRADIENT_REACH).
+STOCK_VERL_GRADIENT_REACH = {
     LEGACY_API: {
         "disabled": (),
         "standalone": ("mtp",),
@@ -30,6 +31,15 @@ EXPECTED_GRADIENT_REACH = {
         "standalone": ("mtp", "lm_head"),
         "joint": ("mtp", "trunk", "embedding", "lm_head"),
     },
+}
+
+# With verl-mtp (both loss types, every megatron-core): standalone trains the MTP module alone,
+# joint sends MTP gradient into everything it uses. Measured by tests/test_grad_reach.py (ce)
+# and tests/test_rl_forward_e2e.py (rl).
+GRADIENT_REACH = {
+    "disabled": (),
+    "standalone": ("mtp",),
+    "joint": ("mtp", "trunk", "embedding", "lm_head"),
 }
 
 
@@ -49,21 +59,12 @@ def mtp_api() -> str | None:
     return PROCESS_MTP_LOSS_API if hasattr(multi_token_prediction, "process_mtp_loss") else LEGACY_API
 
 
-# mtp_loss_type=rl goes through verl-mtp's own forward (verl_mtp.megatron.rl_forward), the same on
-# every megatron-core: standalone detaches the output layer too, joint trains it.
-# Measured by tests/test_rl_forward_e2e.py.
-RL_GRADIENT_REACH = {
-    "disabled": (),
-    "standalone": ("mtp",),
-    "joint": ("mtp", "trunk", "embedding", "lm_head"),
-}
+def expected_gradient_reach(regime: str, api: str | None = None, stock_verl: bool = False) -> tuple[str, ...] | None:
+    """Parameter groups that get MTP gradient under ``regime``; None if megatron-core is absent.
 
-
-def expected_gradient_reach(regime: str, api: str | None = None, loss_type: str = "ce") -> tuple[str, ...] | None:
-    """Parameter groups that get MTP gradient under ``regime``; None if megatron-core is absent."""
+    ``stock_verl`` gives what verl without verl-mtp would do (for comparison in ``explain``).
+    """
     api = api or mtp_api()
     if api is None:
         return None
-    if loss_type == "rl":
-        return RL_GRADIENT_REACH[regime]
-    return EXPECTED_GRADIENT_REACH[api][regime]
+    return STOCK_VERL_GRADIENT_REACH[api][regime] if stock_verl else GRADIENT_REACH[regime]

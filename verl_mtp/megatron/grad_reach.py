@@ -1,8 +1,9 @@
 """Which parameter groups the MTP loss term alone sends gradient to, measured on a real model.
 
 The regime is applied the way verl applies it on the Megatron engine: labels reach the model only
-when MTP training is on, and verl's ``patch_engine_mtp`` installs its postprocess (and, for
-``detach_encoder``, its embedding/hidden-state detach). The main-head term is multiplied by 0,
+when MTP training is on, and the engine's ``patch_engine_mtp`` installs the MTP postprocess (and,
+for ``detach_encoder``, verl's embedding/hidden-state detach). ``stock_verl=True`` uses verl's
+own function, bypassing verl-mtp's forward, to measure what verl alone does. The main-head term is multiplied by 0,
 so every non-zero gradient comes from the MTP loss that megatron injects in the backward pass.
 """
 
@@ -36,18 +37,20 @@ def gradient_norms_by_group(model: torch.nn.Module) -> dict[str, float]:
     return {group: value**0.5 for group, value in norms.items()}
 
 
-def measure_mtp_gradient_reach(model, regime: str, batch: dict) -> dict[str, float]:
-    """Gradient norm per parameter group from the MTP term alone under ``regime``.
+def measure_mtp_gradient_reach(model, regime: str, batch: dict, stock_verl: bool = False) -> dict[str, float]:
+    """Gradient norm per parameter group from the MTP (cross-entropy) term alone under ``regime``.
 
-    ``model`` must be freshly built (verl's patches are per instance and are left installed).
+    ``model`` must be freshly built (the patches are per instance and are left installed).
     """
-    from verl.utils.megatron_utils import patch_engine_mtp
+    import verl.workers.engine.megatron.transformer_impl as engine_module
+    from verl.utils.megatron_utils import patch_engine_mtp as stock_patch_engine_mtp
 
     from verl_mtp.config import ExtendedMtpConfig
     from verl_mtp.testing.tiny_megatron import forward
 
     # "disabled" still loads the head (enable=True): verl patches the model and runs no MTP loss.
     mtp = ExtendedMtpConfig(enable=True, mtp_training_mode=regime)
+    patch_engine_mtp = stock_patch_engine_mtp if stock_verl else engine_module.patch_engine_mtp
     patch_engine_mtp(model, SimpleNamespace(mtp=mtp))
     model.zero_grad(set_to_none=True)
     input_ids = batch["input_ids"]

@@ -1,0 +1,224 @@
+"""verl-mtp's MTP forward on the Megatron engine, for both MTP loss types.
+
+Two steps, both inside one micro-batch forward of verl's ``MegatronEngineWithLMHead``:
+
+1. ``mtp_postprocess`` replaces ``GPTModel._postprocess`` (installed over verl's own MTP
+   postprocess by ``install_mtp_postprocess``). It runs the MTP block and returns the main logits
+   as verl does. For ``ce`` it attaches each depth's cross-entropy itself (so the regime's
+   detach really holds on every megatron-core, and per-depth step weights apply); for ``rl`` it
+   computes no cross-entropy (the policy loss trains the head). Either way it leaves the depth
+   hidden states / agreement for step 2.
+2. ``logits_processor_with_mtp`` wraps the engine's ``_lm_head_logits_processor``. It knows the
+   rollout temperature; for ``rl`` it scores the sampled tokens under each depth
+   (``verl_mtp.megatron.mtp_log_probs``). It returns extra keys (log-probs, validity, argmax
+   agreement), which verl un-packs (THD or BSHD, context-parallel gather) exactly like
+   ``log_probs``.
+
+The hand-over is a per-thread slot that step 2 empties, and a stash is used only with the very
+logits tensor it was made with, so it can never leak into another micro-batch's output.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from verl_mtp.loss import MTP_AGREE_KEY, MTP_LOG_PROBS_KEY, MTP_VALID_KEY
+
+# verl's engine puts the routed/loss token ratio here when megatron normalises per token.
+_VERL_NORMALIZATION_FACTOR_ATTR = "_verl_mtp_loss_normalization_factor"
+
+
+@dataclass(frozen=True)
+class MtpForwardPlan:
+    """What the postprocess does with the MTP heads, fixed at engine initialisation."""
+
+    loss_type: str  # "ce" | "rl"
+    detach_output_layer: bool  # standalone: the lm_head learns nothing from MTP
+    ce_depth_scales: tuple = ()  # ce: depth k's loss scale, lambda * beta**(k-1) / K
+
+
+@dataclass
+class _PendingMtp:
+    model: Any
+    plan: MtpForwardPlan
+    hidden_chunks: tuple
+    labels: torch.Tensor
+    output_weight: Optional[torch.Tensor]
+    packed_seq_params: Any
+    cp_group: Any
+    runtime_gather_output: Any
+    agree: Optional[torch.Tensor] = None  # ce: computed with the loss, [b, s, K]
+    valid: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None  # the main logits this stash belongs to
+
+
+_slot = threading.local()
+
+
+def _put(pending: _PendingMtp) -> None:
+    _slot.pending = pending
+
+
+def _take() -> Optional[_PendingMtp]:
+    pending = getattr(_slot, "pending", None)
+    _slot.pending = None
+    return pending
+
+
+def _cp_group(model, packed_seq_params):
+    # A per-micro-batch dynamic CP group on the packed params wins over the model's static one.
+    group = getattr(packed_seq_params, "cp_group", None)
+    if group is None:
+        group = getattr(model, "cp_group", None)
+    if group is None:
+        group = getattr(getattr(model, "pg_collection", None), "cp", None)
+    return group
+
+
+def _record_ce_loss(model):
+    from megatron.core import parallel_state
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    def record(loss_for_log, layer_number):
+        # The tracker verl reads into mtp_losses/mtp_{k}_loss, averaged like megatron's own.
+        MTPLossLoggingHelper.save_loss_to_tracker(
+            loss_for_log,
+            layer_number,
+            model.config.mtp_num_layers,
+            avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+        )
+
+    return record if model.training else None
+
+
+def mtp_postprocess(self, **kw):
+    """``GPTModel._postprocess`` with verl-mtp's MTP loss (megatron calls it with keywords only)."""
+    labels = kw.get("labels")
+    if not (kw.get("mtp_in_postprocess") and labels is not None and self.config.mtp_num_layers):
+        return self._verl_mtp_stock_postprocess(**kw)
+
+    block_kwargs = dict(kw.get("extra_block_kwargs") or {})
+    if "padding_mask" in self._verl_mtp_block_params:
+        block_kwargs["padding_mask"] = kw.get("padding_mask")
+    hidden_states = self.mtp(
+        input_ids=kw["input_ids"],
+        position_ids=kw["position_ids"],
+        hidden_states=kw["hidden_states"],
+        attention_mask=kw.get("attention_mask"),
+        inference_params=kw.get("inference_params"),
+        rotary_pos_emb=kw.get("rotary_pos_emb"),
+        rotary_pos_cos=kw.get("rotary_pos_cos"),
+        rotary_pos_sin=kw.get("rotary_pos_sin"),
+        packed_seq_params=kw.get("packed_seq_params"),
+        sequence_len_offset=kw.get("sequence_len_offset"),
+        embedding=self.embedding,
+        **block_kwargs,
+    )
+    if not self.post_process:
+        return hidden_states
+    plan: MtpForwardPlan = self._verl_mtp_plan
+    packed_seq_params = kw.get("packed_seq_params")
+    cp_group = _cp_group(self, packed_seq_params)
+    chunks = torch.chunk(hidden_states, 1 + self.config.mtp_num_layers, dim=0)
+    output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+    main_hidden, agree, valid = chunks[0], None, None
+    if plan.loss_type == "ce":
+        from verl_mtp.megatron.mtp_log_probs import add_mtp_ce_losses
+
+        factor = getattr(packed_seq_params, _VERL_NORMALIZATION_FACTOR_ATTR, None)
+        per_token = bool(self.config.calculate_per_token_loss)
+        scales = plan.ce_depth_scales
+        if per_token and factor is not None:  # as verl's postprocess: normalise against routed tokens
+            scales = tuple(s * factor for s in scales)
+        use_mup = getattr(self.config, "use_mup", False) and hasattr(self, "_scale_logits")
+        main_hidden, agree, valid = add_mtp_ce_losses(
+            main_hidden,
+            chunks[1:],
+            labels,
+            kw.get("loss_mask"),
+            output_layer=self.output_layer,
+            output_weight=output_weight,
+            compute_language_model_loss=self.compute_language_model_loss,
+            depth_scales=scales,
+            per_token_loss=per_token,
+            record=_record_ce_loss(self),
+            detach_output_layer=plan.detach_output_layer,
+            scale_logits_fn=self._scale_logits if use_mup else None,
+            cp_group=cp_group,
+            packed_seq_params=packed_seq_params,
+            runtime_gather_output=kw.get("runtime_gather_output"),
+        )
+    logits, _ = self.output_layer(main_hidden, weight=output_weight, runtime_gather_output=kw.get("runtime_gather_output"))
+    logits = logits.transpose(0, 1).contiguous()
+    _put(
+        _PendingMtp(
+            model=self,
+            plan=plan,
+            hidden_chunks=chunks[1:] if plan.loss_type == "rl" else (),
+            labels=labels,
+            output_weight=output_weight,
+            packed_seq_params=packed_seq_params,
+            cp_group=cp_group,
+            runtime_gather_output=kw.get("runtime_gather_output"),
+            agree=agree,
+            valid=valid,
+            logits=logits,
+        )
+    )
+    return logits
+
+
+def install_mtp_postprocess(model, plan: MtpForwardPlan) -> None:
+    """Put ``mtp_postprocess`` on a GPTModel instance (over verl's MTP postprocess); idempotent."""
+    if getattr(model, "_verl_mtp_stock_postprocess", None) is None:
+        model._verl_mtp_stock_postprocess = model._postprocess
+        model._verl_mtp_block_params = frozenset(inspect.signature(model.mtp.forward).parameters)
+    model._verl_mtp_plan = plan
+    model._postprocess = types.MethodType(mtp_postprocess, model)
+
+
+def uninstall_mtp_postprocess(model) -> None:
+    stock = getattr(model, "_verl_mtp_stock_postprocess", None)
+    if stock is not None:
+        model._postprocess = stock
+        model._verl_mtp_stock_postprocess = None
+
+
+def logits_processor_with_mtp(original: Callable) -> Callable:
+    def _lm_head_logits_processor(self, logits, label, temperature, **kwargs):
+        pending = _take()  # taken first: a failure below must not leave it for the next micro-batch
+        if pending is not None and pending.logits is not logits:
+            pending = None  # made by a forward whose output never reached this processor
+        result = original(self, logits, label, temperature, **kwargs)
+        if pending is None:
+            return result
+        agree, valid = pending.agree, pending.valid
+        if pending.plan.loss_type == "rl":
+            from verl_mtp.megatron.mtp_log_probs import mtp_raw_log_probs
+
+            log_probs, valid, agree = mtp_raw_log_probs(
+                pending.model.output_layer,
+                pending.hidden_chunks,
+                pending.labels,
+                temperature,
+                output_weight=pending.output_weight,
+                detach_output_layer=pending.plan.detach_output_layer,
+                cp_group=pending.cp_group,
+                packed_seq_params=pending.packed_seq_params,
+                runtime_gather_output=pending.runtime_gather_output,
+                with_agreement=True,
+            )
+            result[MTP_LOG_PROBS_KEY] = log_probs
+        # Float, not bool: verl's un-packing all-gathers over context parallelism.
+        result[MTP_VALID_KEY] = valid.to(torch.float32)
+        result[MTP_AGREE_KEY] = agree.to(torch.float32)
+        return result
+
+    _lm_head_logits_processor.__verl_mtp_original__ = original
+    return _lm_head_logits_processor
