@@ -16,6 +16,7 @@ from functools import partial
 from types import SimpleNamespace
 
 import torch
+from verl.workers.engine.base import BaseEngine
 
 from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt, causal_mask, cpu_megatron
 
@@ -71,14 +72,22 @@ def engine_forward(model, prompts, responses, temperature: float = 1.0, mtp_enab
         )
 
 
-def actor_loss_inputs(prompts, responses, old_log_probs, advantages, mtp, **actor):
-    """verl's ActorConfig (with ``mtp`` as its model config's) and the loss's TensorDict."""
-    import verl.utils.tensordict_utils as tu
+def actor_config(mtp, **actor):
+    """verl's ActorConfig with ``mtp`` as its model config's MTP config."""
     from verl.workers.config.actor import ActorConfig
 
     config = ActorConfig(strategy="megatron", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2, rollout_n=1, **actor)
     config.model_config = SimpleNamespace(mtp=mtp)
-    data = tu.get_tensordict(
+    return config
+
+
+def loss_data(prompts, responses, old_log_probs, advantages, batch_num_tokens=None):
+    """The actor loss's TensorDict for one micro-batch; ``batch_num_tokens`` = mini-batch response tokens."""
+    import verl.utils.tensordict_utils as tu
+
+    if batch_num_tokens is None:
+        batch_num_tokens = sum(len(r) for r in responses)
+    return tu.get_tensordict(
         {
             "prompts": nested(prompts),
             "responses": nested(responses),
@@ -86,6 +95,57 @@ def actor_loss_inputs(prompts, responses, old_log_probs, advantages, mtp, **acto
             "old_log_probs": nested(old_log_probs),
             "advantages": nested(advantages),
         },
-        {"dp_size": 1, "batch_num_tokens": sum(len(r) for r in responses), "global_batch_size": len(prompts)},
+        {"dp_size": 1, "batch_num_tokens": batch_num_tokens, "global_batch_size": len(prompts)},
     )
-    return config, data
+
+
+def actor_loss_inputs(prompts, responses, old_log_probs, advantages, mtp, **actor):
+    """verl's ActorConfig (with ``mtp`` as its model config's) and the loss's TensorDict."""
+    return actor_config(mtp, **actor), loss_data(prompts, responses, old_log_probs, advantages)
+
+
+class CpuStandInEngine(BaseEngine):
+    """A CPU stand-in for verl's MegatronEngineWithLMHead around a tiny model (tests only).
+
+    verl's Megatron engine needs CUDA (DDP buffers, distributed optimizer), so this class supplies
+    only what ``BaseEngine.train_batch`` calls: micro-batch split, zero-grad, forward/backward and
+    an SGD step. The forward, the loss function and ``train_batch`` itself are verl's real ones
+    (with verl-mtp's patches). ``data`` is a dict of per-sequence lists: prompts, responses,
+    old_log_probs, advantages. Every micro-batch's loss metrics are kept in ``micro_batch_metrics``.
+    """
+
+    def __init__(self, model, micro_batch_size: int = 2, lr: float = 0.1, temperature: float = 1.0):
+        self.module = [model]
+        self.micro_batch_size = micro_batch_size
+        self.temperature = temperature
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.micro_batch_metrics: list[dict] = []
+        self.forward_only_calls = 0
+
+    def optimizer_zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self):
+        self.optimizer.step()
+        return 0.0
+
+    def is_mp_src_rank_with_outputs(self):
+        return True
+
+    def get_data_parallel_group(self):
+        return None
+
+    def forward_backward_batch(self, data, loss_function, forward_only=False):
+        model = self.module[0]
+        total_tokens = sum(len(r) for r in data["responses"])
+        n = len(data["prompts"])
+        self.forward_only_calls += int(forward_only)
+        for start in range(0, n, self.micro_batch_size):
+            part = {k: v[start : start + self.micro_batch_size] for k, v in data.items()}
+            out = engine_forward(model, part["prompts"], part["responses"], self.temperature)
+            td = loss_data(part["prompts"], part["responses"], part["old_log_probs"], part["advantages"], total_tokens)
+            loss, metrics = loss_function(model_output=out, data=td, dp_group=None)
+            if not forward_only:
+                self.micro_batch_metrics.append(metrics)
+                loss.backward()
+        return {"metrics": {}}

@@ -1,0 +1,140 @@
+"""mtp_loss_type=ce through verl-mtp's MTP forward, on a real tiny megatron-core model (CPU).
+
+Real parts: megatron-core GPTModel with 2 MTP depths, verl's gptmodel_forward_model_engine (BSHD),
+verl's patch_engine_mtp wrapped by verl-mtp, the engine's logits processor, and megatron's MTP
+loss tracker that verl reads into ``mtp_losses/mtp_{k}_loss``. CPU boundary as in
+test_rl_forward_e2e.py (4-D causal mask instead of TE's padding mask).
+"""
+
+import pytest
+import torch
+
+from verl_mtp.config import ExtendedMtpConfig
+from verl_mtp.megatron.grad_reach import param_group
+from verl_mtp.testing import engine_step
+from verl_mtp.testing.tiny_megatron import TinyGPTSpec
+
+pytestmark = pytest.mark.megatron
+
+PROMPTS, RESPONSES, DEPTHS = [3, 2, 4], [4, 5, 2], 2
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 64, (p,), generator=g) for p in PROMPTS]
+    responses = [torch.randint(0, 64, (r,), generator=g) for r in RESPONSES]
+    return prompts, responses
+
+
+def tracked_ce_losses():
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    values = MTPLossLoggingHelper.tracker["values"].clone()
+    MTPLossLoggingHelper.clean_loss_in_tracker()
+    return values
+
+
+def run(mtp, seed=0, stock_verl=False, capture=None):
+    """One forward+backward of the MTP CE term (main head x 0); returns (model, per-depth tracked CE)."""
+    import verl.workers.engine.megatron.transformer_impl as engine_module
+    from verl.utils.megatron_utils import patch_engine_mtp as stock_patch
+
+    torch.manual_seed(1234)
+    if stock_verl:  # the same model prepared by verl's own patch only
+        original = engine_module.patch_engine_mtp
+        engine_module.patch_engine_mtp = stock_patch
+    try:
+        model = engine_step.build_engine_model(mtp, TinyGPTSpec(mtp_num_layers=DEPTHS))
+    finally:
+        if stock_verl:
+            engine_module.patch_engine_mtp = original
+    if capture is not None:
+        model.mtp.register_forward_hook(lambda module, args, output: capture.__setitem__("hidden", output))
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    if MTPLossLoggingHelper.tracker:
+        MTPLossLoggingHelper.clean_loss_in_tracker()
+    prompts, responses = batch(seed)
+    out = engine_step.engine_forward(model, prompts, responses)
+    (out["log_probs"].values().sum() * 0.0).backward()
+    return model, tracked_ce_losses(), out, (prompts, responses)
+
+
+def grads(model, groups):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if param_group(n) in groups and p.grad is not None}
+
+
+def test_per_depth_ce_covers_exactly_the_response_tokens():
+    # Independent reference from the MTP block's own hidden states: depth k at hidden position t
+    # predicts token t+k+1, and counts only where that token is a response token.
+    captured = {}
+    mtp = ExtendedMtpConfig(mtp_training_mode="joint")
+    model, tracked, _, (prompts, responses) = run(mtp, capture=captured)
+    chunks = torch.chunk(captured["hidden"], 1 + DEPTHS, dim=0)
+    weight = model.output_layer.weight.detach().double()
+    for k in range(1, DEPTHS + 1):
+        losses = []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            tokens = torch.cat([p, r])
+            for t in range(len(tokens)):
+                target = t + k + 1
+                if len(p) <= target < len(tokens):  # a response token
+                    logp = torch.log_softmax(chunks[k][t, i].double() @ weight.T, dim=-1)
+                    losses.append(-logp[tokens[target]])
+        reference = torch.stack(losses).mean()
+        # tokens whose depth-k prediction needs a position before the sequence start are absent
+        assert len(losses) == sum(min(len(r), len(p) + len(r) - k - 1) for p, r in zip(prompts, responses))
+        assert tracked[k - 1].item() == pytest.approx(reference.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("regime", ["standalone", "joint"])
+def test_beta_one_reproduces_verls_loss_and_gradients_where_verl_is_right(regime):
+    from verl_mtp.megatron.compat import expected_gradient_reach
+
+    mtp = ExtendedMtpConfig(mtp_training_mode=regime)
+    ours, ours_ce, _, _ = run(mtp)
+    stock, stock_ce, _, _ = run(mtp, stock_verl=True)
+    assert torch.allclose(ours_ce, stock_ce, atol=1e-6)
+    # Groups both paths train get the same gradient; verl's leaks/omissions are what differs.
+    shared = set(expected_gradient_reach(regime)) & set(expected_gradient_reach(regime, stock_verl=True))
+    ours_g, stock_g = grads(ours, shared), grads(stock, shared)
+    assert ours_g.keys() == stock_g.keys() and ours_g
+    for name in ours_g:
+        assert torch.allclose(ours_g[name], stock_g[name], atol=1e-6), name
+
+
+def test_step_weights_scale_each_depths_loss():
+    # Depth-2 MTP layer parameters get gradient from depth 2's loss only, so beta=0.5 halves it.
+    uniform, _, _, _ = run(ExtendedMtpConfig(mtp_training_mode="standalone"))
+    decayed, _, _, _ = run(ExtendedMtpConfig(mtp_training_mode="standalone", mtp_step_weight_beta=0.5))
+    depth2 = [n for n, _ in uniform.named_parameters() if n.startswith("mtp.layers.1.")]
+    assert depth2
+    u, d = dict(uniform.named_parameters()), dict(decayed.named_parameters())
+    for name in depth2:
+        if u[name].grad is not None and u[name].grad.abs().sum() > 0:
+            assert torch.allclose(d[name].grad, 0.5 * u[name].grad, rtol=1e-5, atol=1e-8), name
+
+
+def test_draft_agreement_metric_equals_argmax_reference():
+    captured = {}
+    mtp = ExtendedMtpConfig(mtp_training_mode="joint")
+    model, _, out, (prompts, responses) = run(mtp, capture=captured)
+    chunks = torch.chunk(captured["hidden"], 1 + DEPTHS, dim=0)
+    weight = model.output_layer.weight.detach()
+    g = torch.Generator().manual_seed(5)
+    old = [-torch.rand(len(r), generator=g) for r in responses]
+    adv = [torch.randn(len(r), generator=g) for r in responses]
+    config, data = engine_step.actor_loss_inputs(prompts, responses, old, adv, mtp)
+    from verl.workers.engine_workers import ppo_loss  # verl's name, with verl-mtp's wrapper
+
+    _, metrics = ppo_loss(config, out, data)
+    for k in range(1, DEPTHS + 1):
+        hits = 0
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            tokens = torch.cat([p, r])
+            for j in range(len(r)):
+                source = len(p) + j - k - 1  # hidden position whose depth-k prediction is response token j
+                if source >= 0:
+                    hits += int((chunks[k][source, i] @ weight.T).argmax() == tokens[len(p) + j])
+        metric = metrics[f"actor/mtp_{k}/draft_agreement"]
+        assert metric.aggregate() == pytest.approx(hits / sum(RESPONSES), abs=1e-6)
