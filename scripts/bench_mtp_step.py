@@ -1,8 +1,9 @@
 """Step time and memory of the MTP regimes, side by side in one run (a benchmark, not a test).
 
-One training step = verl's Megatron engine forward (padded layout) + the installed actor loss +
-backward + an SGD step, on a small megatron-core GPT on CPU (see verl_mtp/testing/engine_step.py
-for what is real and where the CPU boundary is). Configurations run interleaved, round after
+One training step = verl's ``BaseEngine.train_batch`` (with verl-mtp's OCC pre-pass patch) over a
+CPU stand-in engine: per micro-batch, verl's Megatron engine forward (padded layout) + the
+installed actor loss + backward, then an SGD step, on a small megatron-core GPT on CPU (see
+verl_mtp/testing/engine_step.py for what is real and where the CPU boundary is). Configurations run interleaved, round after
 round, so machine noise hits them alike; the table reports medians and ratios to standalone CE.
 
 Memory: on CPU, the bytes autograd saves for the backward pass (activations, the part MTP
@@ -14,6 +15,7 @@ changes); on CUDA also torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -48,6 +50,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
     args = parser.parse_args()
 
     import verl  # noqa: F401 - activates the plugin
@@ -62,8 +65,15 @@ def main():
         "no MTP": ExtendedMtpConfig(),
         "standalone CE": ExtendedMtpConfig(mtp_training_mode="standalone"),
         "joint CE": ExtendedMtpConfig(mtp_training_mode="joint"),
-        "rl+OCC standalone": ExtendedMtpConfig(mtp_training_mode="standalone", mtp_loss_type="rl", mtp_coef_mode="occ"),
-        "rl+OCC joint": ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ"),
+        "rl fixed standalone": ExtendedMtpConfig(mtp_training_mode="standalone", mtp_loss_type="rl"),
+        "rl+OCC standalone uB": ExtendedMtpConfig(
+            mtp_training_mode="standalone", mtp_loss_type="rl", mtp_coef_mode="occ", occ_scope="micro_batch"
+        ),
+        "rl+OCC standalone mB": ExtendedMtpConfig(mtp_training_mode="standalone", mtp_loss_type="rl", mtp_coef_mode="occ"),
+        "rl+OCC joint uB": ExtendedMtpConfig(
+            mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ", occ_scope="micro_batch"
+        ),
+        "rl+OCC joint mB": ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ"),
     }
     g = torch.Generator().manual_seed(0)
     response_len = args.seq_len - args.prompt_len
@@ -80,15 +90,16 @@ def main():
             mtp_num_layers=args.depths if mtp.enable else 0, seed=1,
         )
         model = engine_step.build_engine_model(mtp, spec)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-        config, data = engine_step.actor_loss_inputs(prompts, responses, old, advantages, mtp)
+        # verl's BaseEngine.train_batch (with the OCC pre-pass patch) over a CPU stand-in engine.
+        engine = engine_step.CpuStandInEngine(
+            model, micro_batch_size=args.micro_batch, lr=1e-4, mtp_enable_train=mtp.enable_train
+        )
+        loss_function = functools.partial(engine_workers.ppo_loss, config=engine_step.actor_config(mtp))
+        data = {"prompts": prompts, "responses": responses, "old_log_probs": old, "advantages": advantages}
 
-        def step(model=model, optimizer=optimizer, config=config, data=data, mtp=mtp):
-            optimizer.zero_grad(set_to_none=True)
-            out = engine_step.engine_forward(model, prompts, responses, mtp_enable_train=mtp.enable_train)
-            loss, _ = engine_workers.ppo_loss(config, out, data)
-            loss.backward()
-            optimizer.step()
+        def step(engine=engine, loss_function=loss_function, data=data):
+            engine.micro_batch_metrics.clear()
+            engine.train_batch(data, loss_function)
 
         step()  # warm-up
         runs[name] = {"step": step, "times": [], "saved": saved_tensor_bytes(step)}
@@ -106,12 +117,14 @@ def main():
     base = runs["standalone CE"]
     base_time, base_saved = statistics.median(base["times"]), base["saved"]
     print(f"tiny GPT: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.depths} MTP depth(s), "
-          f"batch {args.batch} x {args.seq_len} tokens, {args.rounds} interleaved rounds, "
+          f"batch {args.batch} x {args.seq_len} tokens in micro-batches of {args.micro_batch}, "
+          f"{args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'config':<20}{'step s (median)':>16}{'x standalone CE':>17}{'saved MiB':>11}{'x standalone CE':>17}")
+    print("uB = occ_scope=micro_batch, mB = occ_scope=mini_batch (one extra no-grad forward per mini-batch)")
+    print(f"{'config':<22}{'step s (median)':>16}{'x standalone CE':>17}{'saved MiB':>11}{'x standalone CE':>17}")
     for name, run in runs.items():
         t = statistics.median(run["times"])
-        print(f"{name:<20}{t:>16.3f}{t / base_time:>17.3f}{run['saved'] / 2**20:>11.1f}{run['saved'] / base_saved:>17.3f}")
+        print(f"{name:<22}{t:>16.3f}{t / base_time:>17.3f}{run['saved'] / 2**20:>11.1f}{run['saved'] / base_saved:>17.3f}")
 
 
 if __name__ == "__main__":

@@ -279,6 +279,23 @@ def test_run_validation_rejects_speculative_rollout_on_unsupported_engine(make_c
         validate_mtp_run_config(cfg)
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["distillation.distillation_loss.use_task_rewards=False"], r"use_task_rewards=False: verl's distillation loss then drops"),
+        ([], r"occ_scope='mini_batch' is not supported with distillation\.enabled=True"),
+    ],
+)
+def test_run_validation_rejects_rl_loss_that_distillation_would_drop(make_checkpoint, extra, message):
+    overrides = [f"actor_rollout_ref.model.path={make_checkpoint()}", "actor_rollout_ref.model.mtp.mtp_training_mode=joint",
+                 "actor_rollout_ref.model.mtp.mtp_loss_type=rl", "actor_rollout_ref.model.mtp.mtp_coef_mode=occ",
+                 "distillation.enabled=True"]
+    with pytest.raises(MtpConfigError, match=message):
+        validate_mtp_run_config(_run_config(overrides + extra))
+    # micro-batch OCC with task rewards is accepted
+    validate_mtp_run_config(_run_config(overrides + ["actor_rollout_ref.model.mtp.occ_scope=micro_batch"]))
+
+
 def test_verl_validate_config_runs_mtp_validation_first():
     from verl.utils.config import validate_config
 

@@ -322,7 +322,28 @@ def validate_mtp_run_config(config: Any) -> ExtendedMtpConfig:
         engine = _select(config, "actor_rollout_ref.rollout.name")
         speculative_engine_args(mtp, engine, _select(config, f"actor_rollout_ref.rollout.engine_kwargs.{engine}"))
     resolve_run_depths(config, mtp)
+    _check_distillation(config, mtp)
     return mtp
+
+
+def _check_distillation(config: Any, mtp: ExtendedMtpConfig) -> None:
+    # verl's distillation loss calls ppo_loss (which carries the MTP term) only when task rewards
+    # are used, and its top-k path runs the loss function as a logits processor in the forward.
+    if mtp.mtp_loss_type != "rl" or not _select(config, "distillation.enabled", False):
+        return
+    if not _select(config, "distillation.distillation_loss.use_task_rewards", True):
+        raise MtpConfigError(
+            f"{MTP_KEY_PREFIX}.mtp_loss_type='rl' is invalid with distillation.enabled=True and "
+            f"distillation.distillation_loss.use_task_rewards=False: verl's distillation loss then drops the "
+            f"policy loss, and the MTP policy-loss term with it; valid choices are mtp_loss_type=ce, or "
+            f"use_task_rewards=True"
+        )
+    if mtp.mtp_coef_mode == "occ" and mtp.occ_scope == "mini_batch":
+        raise MtpConfigError(
+            f"{MTP_KEY_PREFIX}.occ_scope='mini_batch' is not supported with distillation.enabled=True (the "
+            f"pre-pass cannot stand in for the distillation loss's top-k logits processor); valid choices "
+            f"here are occ_scope=micro_batch, or mtp_coef_mode=fixed"
+        )
 
 
 # When this module was imported before verl, its own `import verl` above loaded the plugin while

@@ -114,8 +114,9 @@ class CpuStandInEngine(BaseEngine):
     old_log_probs, advantages. Every micro-batch's loss metrics are kept in ``micro_batch_metrics``.
     """
 
-    def __init__(self, model, micro_batch_size: int = 2, lr: float = 0.1, temperature: float = 1.0):
+    def __init__(self, model, micro_batch_size: int = 2, lr: float = 0.1, temperature: float = 1.0, mtp_enable_train=True):
         self.module = [model]
+        self.mtp_enable_train = mtp_enable_train
         self.micro_batch_size = micro_batch_size
         self.temperature = temperature
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -142,7 +143,7 @@ class CpuStandInEngine(BaseEngine):
         self.forward_only_calls += int(forward_only)
         for start in range(0, n, self.micro_batch_size):
             part = {k: v[start : start + self.micro_batch_size] for k, v in data.items()}
-            out = engine_forward(model, part["prompts"], part["responses"], self.temperature)
+            out = engine_forward(model, part["prompts"], part["responses"], self.temperature, self.mtp_enable_train)
             td = loss_data(part["prompts"], part["responses"], part["old_log_probs"], part["advantages"], total_tokens)
             loss, metrics = loss_function(model_output=out, data=td, dp_group=None)
             if not forward_only:
