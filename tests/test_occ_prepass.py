@@ -39,9 +39,11 @@ def reference_coefs(model, data, mtp, micro_batch_size):
 
     from verl_mtp.loss import _occ_inputs
 
+    from verl_mtp.megatron.mtp_forward import score_mtp_without_grad
+
     coefs = []
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), score_mtp_without_grad():
         for start in range(0, len(data["prompts"]), micro_batch_size):
             part = {k: v[start : start + micro_batch_size] for k, v in data.items()}
             out = engine_step.engine_forward(model, part["prompts"], part["responses"])
@@ -120,6 +122,24 @@ def test_first_mini_batch_of_a_step_is_on_policy_in_the_pre_pass():
     for metrics in engine.micro_batch_metrics:
         assert metrics["actor/mtp_1/occ_on_policy"] == 1.0
         assert metrics["actor/mtp_1/coef"] == 0.0  # occ_on_policy_coef=previous, nothing measured before
+
+
+def test_no_grad_forwards_skip_the_mtp_heads_unless_asked():
+    # verl's old-log-prob pass runs under no_grad with labels (MTP trains): the heads are not run.
+    from verl_mtp.megatron.mtp_forward import score_mtp_without_grad
+
+    model, _, _, _ = setup("micro_batch")
+    data = mini_batch(4)
+    calls = []
+    model.mtp.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        skipped = engine_step.engine_forward(model, data["prompts"], data["responses"])
+    assert not calls and "mtp_log_probs" not in skipped
+    with torch.no_grad(), score_mtp_without_grad():
+        scored = engine_step.engine_forward(model, data["prompts"], data["responses"])
+    assert calls and "mtp_log_probs" in scored
+    # the main head's log-probs are the same either way
+    assert torch.equal(skipped["log_probs"].values(), scored["log_probs"].values())
 
 
 def test_train_batch_patch_leaves_other_losses_alone():

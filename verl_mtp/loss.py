@@ -101,8 +101,10 @@ class MtpPolicyLoss:
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()
+        from verl_mtp.megatron.mtp_forward import score_mtp_without_grad
+
         try:
-            with torch.no_grad():
+            with torch.no_grad(), score_mtp_without_grad():
                 engine.forward_backward_batch(data, functools.partial(self.occ_prepass_loss, config=config), forward_only=True)
         finally:
             for m, mode in zip(modules, modes):

@@ -97,11 +97,37 @@ def _record_ce_loss(model):
     return record if model.training else None
 
 
+class score_mtp_without_grad:
+    """Context in which no-grad forwards still run the MTP heads (OCC's pre-pass needs them)."""
+
+    def __enter__(self):
+        _slot.score_without_grad = getattr(_slot, "score_without_grad", 0) + 1
+
+    def __exit__(self, *exc):
+        _slot.score_without_grad -= 1
+
+
+def _mtp_wanted() -> bool:
+    # verl passes labels to every actor forward while MTP trains, including the no-grad
+    # old-log-prob pass (compute_log_prob), which has no use for the MTP heads: skip them there.
+    return torch.is_grad_enabled() or getattr(_slot, "score_without_grad", 0) > 0
+
+
+def _main_logits_only(self, kw):
+    output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+    if not self.post_process:
+        return kw["hidden_states"]
+    logits, _ = self.output_layer(kw["hidden_states"], weight=output_weight, runtime_gather_output=kw.get("runtime_gather_output"))
+    return logits.transpose(0, 1).contiguous()
+
+
 def mtp_postprocess(self, **kw):
     """``GPTModel._postprocess`` with verl-mtp's MTP loss (megatron calls it with keywords only)."""
     labels = kw.get("labels")
     if not (kw.get("mtp_in_postprocess") and labels is not None and self.config.mtp_num_layers):
         return self._verl_mtp_stock_postprocess(**kw)
+    if not _mtp_wanted():
+        return _main_logits_only(self, kw)
 
     block_kwargs = dict(kw.get("extra_block_kwargs") or {})
     if "padding_mask" in self._verl_mtp_block_params:
