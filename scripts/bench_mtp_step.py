@@ -66,14 +66,14 @@ def main():
         "standalone CE": ExtendedMtpConfig(mtp_training_mode="standalone"),
         "joint CE": ExtendedMtpConfig(mtp_training_mode="joint"),
         "rl fixed standalone": ExtendedMtpConfig(mtp_training_mode="standalone", mtp_loss_type="rl"),
-        "rl+OCC standalone uB": ExtendedMtpConfig(
-            mtp_training_mode="standalone", mtp_loss_type="rl", mtp_coef_mode="occ", occ_scope="micro_batch"
+        "rl+OCC standalone uB": ExtendedMtpConfig(mtp_training_mode="standalone", mtp_loss_type="rl", mtp_coef_mode="occ"),
+        "rl+OCC standalone mB": ExtendedMtpConfig(
+            mtp_training_mode="standalone", mtp_loss_type="rl", mtp_coef_mode="occ", occ_scope="mini_batch"
         ),
-        "rl+OCC standalone mB": ExtendedMtpConfig(mtp_training_mode="standalone", mtp_loss_type="rl", mtp_coef_mode="occ"),
-        "rl+OCC joint uB": ExtendedMtpConfig(
-            mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ", occ_scope="micro_batch"
+        "rl+OCC joint uB": ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ"),
+        "rl+OCC joint mB": ExtendedMtpConfig(
+            mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ", occ_scope="mini_batch"
         ),
-        "rl+OCC joint mB": ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ"),
     }
     g = torch.Generator().manual_seed(0)
     response_len = args.seq_len - args.prompt_len

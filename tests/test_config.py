@@ -79,6 +79,7 @@ BAD_INPUTS = [
     ({"occ_ema_decay": 1.0}, r"occ_ema_decay=1.0 is invalid: expected 0 <= decay < 1"),
     ({"occ_coef_min": 2.0, "occ_coef_max": 1.0}, r"occ_coef_min=2.0 is invalid: it is above occ_coef_max=1.0"),
     ({"occ_on_policy_coef": "one"}, r"occ_on_policy_coef='one' is invalid: valid choices are previous, zero, fixed"),
+    ({"occ_scope": "step"}, r"occ_scope='step' is invalid: valid choices are micro_batch, mini_batch"),
     ({"mtp_step_weight_beta": 0.0}, r"mtp_step_weight_beta=0.0 is invalid: expected a number > 0"),
     ({"mtp_num_layers": 0}, r"mtp_num_layers=0 is invalid: expected a positive integer"),
     ({"mtp_num_layers": True}, r"mtp_num_layers=True is invalid"),
@@ -283,7 +284,7 @@ def test_run_validation_rejects_speculative_rollout_on_unsupported_engine(make_c
     "extra, message",
     [
         (["distillation.distillation_loss.use_task_rewards=False"], r"use_task_rewards=False: verl's distillation loss then drops"),
-        ([], r"occ_scope='mini_batch' is not supported with distillation\.enabled=True"),
+        (["actor_rollout_ref.model.mtp.occ_scope=mini_batch"], r"occ_scope='mini_batch' is not supported with distillation\.enabled=True"),
     ],
 )
 def test_run_validation_rejects_rl_loss_that_distillation_would_drop(make_checkpoint, extra, message):
@@ -292,8 +293,8 @@ def test_run_validation_rejects_rl_loss_that_distillation_would_drop(make_checkp
                  "distillation.enabled=True"]
     with pytest.raises(MtpConfigError, match=message):
         validate_mtp_run_config(_run_config(overrides + extra))
-    # micro-batch OCC with task rewards is accepted
-    validate_mtp_run_config(_run_config(overrides + ["actor_rollout_ref.model.mtp.occ_scope=micro_batch"]))
+    # micro-batch OCC (the default) with task rewards is accepted
+    validate_mtp_run_config(_run_config(overrides))
 
 
 def test_verl_validate_config_runs_mtp_validation_first():
