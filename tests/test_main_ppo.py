@@ -7,18 +7,22 @@ accepts. A bad MTP value must stop the driver in verl's own validate_config, bef
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 
 def main_ppo(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "verl.trainer.main_ppo", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
-    )
+    # Run in a scratch directory: Hydra writes outputs/<date>/ into the working directory.
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run(
+            [sys.executable, "-m", "verl.trainer.main_ppo", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+        )
 
 
 def test_stock_main_ppo_accepts_plus_keys():
