@@ -73,6 +73,21 @@ def test_stock_config_with_plus_keys_and_sglang(make_checkpoint):
     assert plan["speculative_args"]["enable_draft_weights_cpu_backup"] is True
 
 
+def test_unchunked_mtp_logits_are_flagged(make_checkpoint):
+    path = make_checkpoint()
+
+    def notes(*overrides):
+        proc = explain(
+            f"actor_rollout_ref.model.path={path}",
+            "actor_rollout_ref.model.mtp.mtp_training_mode=standalone", *overrides, "--json",
+        )
+        assert proc.returncode == 0, proc.stderr
+        return " ".join(json.loads(proc.stdout)["notes"])
+
+    assert "mtp_logits_chunk_tokens=0" in notes("actor_rollout_ref.model.mtp.mtp_logits_chunk_tokens=0")
+    assert "mtp_logits_chunk_tokens" not in notes()
+
+
 def test_plus_prefix_is_accepted_with_the_wrapper():
     proc = explain("+actor_rollout_ref.model.mtp.mtp_loss_type=ce", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -93,6 +108,7 @@ def test_mtp_off_says_verl_is_unchanged():
         (["actor_rollout_ref.model.mtp.mtp_loss_scaling_factor=-1"], "mtp_loss_scaling_factor=-1 is invalid: expected a number >= 0"),
         (["actor_rollout_ref.model.mtp.mtp_loss_type=rl"], "the RL policy loss needs the MTP head in training"),
         (["actor_rollout_ref.model.mtp.mtp_los_type=rl"], "Could not override 'actor_rollout_ref.model.mtp.mtp_los_type'"),
+        (["actor_rollout_ref.model.mtp.mtp_logits_chunk_tokens=-5"], "mtp_logits_chunk_tokens=-5 is invalid: expected an integer >= 0"),
     ],
 )
 def test_bad_overrides_fail_with_clear_message(overrides, message):

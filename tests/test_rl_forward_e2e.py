@@ -145,3 +145,34 @@ def test_a_stash_never_reaches_another_forwards_output():
     out = engine_forward(model, prompts, responses, mtp_enable_train=False)  # no MTP in this forward
     assert "mtp_log_probs" not in out
     assert mtp_forward._slot.pending is None
+
+
+@pytest.mark.parametrize(
+    "regime, loss_type", [("joint", "rl"), ("standalone", "rl"), ("joint", "ce"), ("standalone", "ce")]
+)
+def test_token_chunked_step_equals_unchunked(regime, loss_type):
+    # The whole actor step (engine forward, installed actor loss, backward) with 3-token logits
+    # chunks gives the loss and every parameter gradient of the unchunked step.
+    import verl.workers.engine_workers as engine_workers
+    from verl.utils.megatron_utils import get_megatron_mtp_loss
+
+    def step(chunk_tokens):
+        mtp = ExtendedMtpConfig(mtp_training_mode=regime, mtp_loss_type=loss_type, mtp_logits_chunk_tokens=chunk_tokens)
+        model, _ = build(mtp)
+        assert model._verl_mtp_plan.chunk_tokens == chunk_tokens
+        prompts, responses, g = batch(5)
+        config, data = loss_inputs(prompts, responses, g, mtp)
+        model.zero_grad(set_to_none=True)
+        loss, _ = engine_workers.ppo_loss(config, engine_forward(model, prompts, responses), data)
+        loss.backward()
+        ce = get_megatron_mtp_loss(1)  # drains megatron's MTP loss tracker (ce only)
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, ce
+
+    ref_loss, ref_grads, ref_ce = step(0)
+    loss, grads, ce = step(3)
+    assert grads.keys() == ref_grads.keys() and any(n.startswith("mtp.") for n in grads)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=0, atol=1e-6 * max(1.0, ref.abs().max().item()), msg=name)
+    assert bool(ref_ce) == (loss_type == "ce"), ref_ce
+    assert ce.keys() == ref_ce.keys() and all(ce[k] == pytest.approx(ref_ce[k], abs=1e-6) for k in ce)

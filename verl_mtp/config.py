@@ -78,6 +78,10 @@ class ExtendedMtpConfig(VerlMtpConfig):
     Depths:
         mtp_step_weight_beta: depth k's loss weight is beta**(k-1); 1.0 = uniform.
         mtp_num_layers: how many MTP depths to use; None = all the checkpoint has.
+    Memory:
+        mtp_logits_chunk_tokens: an MTP depth builds its vocabulary-sized logits this many tokens
+            at a time (forward and backward: chunks are rebuilt in backward instead of saved);
+            0 = the whole micro-batch at once.
     """
 
     mtp_training_mode: Optional[str] = None
@@ -92,6 +96,7 @@ class ExtendedMtpConfig(VerlMtpConfig):
     occ_scope: str = "micro_batch"
     mtp_step_weight_beta: float = 1.0
     mtp_num_layers: Optional[int] = None
+    mtp_logits_chunk_tokens: int = 2048
 
     def __post_init__(self):
         self._resolve_training_mode()
@@ -155,6 +160,9 @@ class ExtendedMtpConfig(VerlMtpConfig):
         n = self.mtp_num_layers
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise _error("mtp_num_layers", n, "expected a positive integer, or null to use every depth")
+        c = self.mtp_logits_chunk_tokens
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise _error("mtp_logits_chunk_tokens", c, "expected an integer >= 0 (tokens per logits chunk; 0 = unchunked)")
 
         if self.mtp_loss_type == "rl" and self.mtp_training_mode == "disabled":
             raise _error(

@@ -105,6 +105,11 @@ def build_plan(config) -> MtpPlan:
             )
     if mtp.mtp_coef_mode == "occ" and mtp.occ_scope == "mini_batch":
         notes.append("OCC over the whole mini-batch: one extra no-grad forward per mini-batch (occ_scope=micro_batch avoids it)")
+    if mtp.is_training and mtp.mtp_logits_chunk_tokens == 0:
+        notes.append(
+            "mtp_logits_chunk_tokens=0: each MTP depth keeps whole-micro-batch vocabulary logits until "
+            "backward (memory grows with context length); the default 2048 bounds them"
+        )
     if mtp.mtp_coef_mode == "occ" and mtp.mtp_training_mode == "standalone":
         notes.append("OCC with standalone: the MTP term reaches no shared parameter, so lambda only rescales the head")
 

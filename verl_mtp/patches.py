@@ -367,6 +367,7 @@ def _mtp_forward_patch_engine_mtp(original: Callable) -> Callable:
                 # standalone: no MTP gradient into the lm_head either (verl's 0.18 path leaks it)
                 detach_output_layer=mtp.detach_encoder,
                 ce_depth_scales=tuple(scale * w for w in mtp.step_weights(depths)),
+                chunk_tokens=mtp.mtp_logits_chunk_tokens,
             )
             install_mtp_postprocess(model, plan)
 

@@ -41,6 +41,7 @@ class MtpForwardPlan:
     loss_type: str  # "ce" | "rl"
     detach_output_layer: bool  # standalone: the lm_head learns nothing from MTP
     ce_depth_scales: tuple = ()  # ce: depth k's loss scale, lambda * beta**(k-1) / K
+    chunk_tokens: int = 0  # tokens per vocabulary-sized logits chunk of a depth; 0 = unchunked
 
 
 @dataclass
@@ -179,6 +180,7 @@ def mtp_postprocess(self, **kw):
             cp_group=cp_group,
             packed_seq_params=packed_seq_params,
             runtime_gather_output=kw.get("runtime_gather_output"),
+            chunk_tokens=plan.chunk_tokens,
         )
     logits, _ = self.output_layer(main_hidden, weight=output_weight, runtime_gather_output=kw.get("runtime_gather_output"))
     logits = logits.transpose(0, 1).contiguous()
@@ -239,6 +241,7 @@ def logits_processor_with_mtp(original: Callable) -> Callable:
                 packed_seq_params=pending.packed_seq_params,
                 runtime_gather_output=pending.runtime_gather_output,
                 with_agreement=True,
+                chunk_tokens=pending.plan.chunk_tokens,
             )
             result[MTP_LOG_PROBS_KEY] = log_probs
         # Float, not bool: verl's un-packing all-gathers over context parallelism.

@@ -7,8 +7,12 @@ megatron rolls them: a label never comes from the next sequence, and a rolled-in
 invalid. ``verl_mtp.align`` then puts the results on the main head's positions.
 
 Logits are built one depth at a time through the model's own output layer (tensor-parallel
-aware). ``detach_output_layer`` evaluates the output layer on detached weights, for the
-standalone regime in which the lm_head must not learn from MTP.
+aware), and within a depth one token chunk at a time (``chunk_tokens``): each chunk's
+vocabulary-sized logits are freed as soon as its log-probs / cross-entropy are taken, and
+rebuilt in backward (activation checkpointing of the output layer + loss only), so an MTP depth
+never holds more than one chunk of logits, forward or backward, whatever the sequence length.
+``detach_output_layer`` evaluates the output layer on detached weights, for the standalone regime
+in which the lm_head must not learn from MTP.
 """
 
 from __future__ import annotations
@@ -64,6 +68,81 @@ def argmax_agrees(logits: torch.Tensor, labels: torch.Tensor, tp_group=None) -> 
     return label_logit >= best
 
 
+def token_chunks(local_len: int, chunk_len: int, *, sequence_parallel: bool = False, tp_size: int = 1):
+    """Split a depth's hidden states [local_len, b, h] into chunks along the sequence.
+
+    Returns ``[(local slice, global positions), ...]``: ``global positions`` index the labels
+    [b, s] scored by that chunk, in the order the output layer's logits rows come out. Without
+    sequence parallelism that is the slice itself. With it, each tensor-parallel rank holds
+    ``local_len`` consecutive positions and the output layer all-gathers the chunk, so the rows
+    are rank 0's slice, then rank 1's, ... (all ranks run the same chunks in the same order).
+    """
+    ranks = range(tp_size) if sequence_parallel else range(1)
+    chunks = []
+    for start in range(0, local_len, max(1, chunk_len)):
+        stop = min(start + max(1, chunk_len), local_len)
+        positions = torch.cat([torch.arange(r * local_len + start, r * local_len + stop) for r in ranks])
+        chunks.append((slice(start, stop), positions))
+    return chunks
+
+
+def map_token_chunks(
+    score: Callable,
+    hidden: torch.Tensor,
+    per_token: Sequence[Optional[torch.Tensor]],
+    *,
+    chunk_tokens: int,
+    sequence_parallel: bool = False,
+    tp_size: int = 1,
+):
+    """``score(hidden_chunk, *per_token_chunks) -> tuple of [b, n]``, over bounded token chunks.
+
+    ``hidden`` is [s_local, b, h]; each ``per_token`` tensor is [b, s] (or None, passed through).
+    ``chunk_tokens`` bounds the tokens (positions x batch, after the sequence-parallel gather) a
+    chunk scores; 0 = one chunk. With several chunks each runs under non-reentrant activation
+    checkpointing: only its inputs are kept for backward and its logits are rebuilt there, one
+    chunk at a time (autograd walks the chunks in reverse creation order). Results are
+    reassembled into [b, s] in label order.
+    """
+    local_len, batch = hidden.shape[0], hidden.shape[1]
+    rows_per_position = batch * (tp_size if sequence_parallel else 1)
+    chunk_len = local_len if chunk_tokens <= 0 else max(1, chunk_tokens // rows_per_position)
+    chunks = token_chunks(local_len, chunk_len, sequence_parallel=sequence_parallel, tp_size=tp_size)
+    if len(chunks) == 1 and not sequence_parallel:
+        return score(hidden, *per_token)
+    checkpointed = torch.is_grad_enabled() and len(chunks) > 1
+    pieces = []
+    for local, positions in chunks:
+        positions = positions.to(hidden.device)
+        args = [None if t is None else t.index_select(1, positions) for t in per_token]
+        if checkpointed:
+            # preserve_rng_state=False: the output layer and the loss draw no random numbers.
+            out = torch.utils.checkpoint.checkpoint(
+                score, hidden[local], *args, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            out = score(hidden[local], *args)
+        pieces.append(out)
+    order = torch.cat([positions for _, positions in chunks]).to(hidden.device)
+    restore = torch.argsort(order) if sequence_parallel else None
+    results = []
+    for parts in zip(*pieces):
+        joined = torch.cat(parts, dim=1)
+        results.append(joined if restore is None else joined.index_select(1, restore))
+    return tuple(results)
+
+
+def _output_layer_layout(output_layer):
+    """(sequence_parallel, tensor-parallel size) of the output layer's input."""
+    from megatron.core import parallel_state
+
+    sequence_parallel = bool(getattr(output_layer, "sequence_parallel", False))
+    tp_size = 1
+    if parallel_state.model_parallel_is_initialized():
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    return sequence_parallel and tp_size > 1, tp_size
+
+
 @dataclass
 class DepthTargets:
     depth: int  # 1-based
@@ -112,6 +191,7 @@ def mtp_raw_log_probs(
     packed_seq_params=None,
     runtime_gather_output=None,
     with_agreement: bool = False,
+    chunk_tokens: int = 0,
 ):
     """Log-probs [b, s, K] and validity [b, s, K] of the sampled tokens for MTP depths 1..K.
 
@@ -119,24 +199,39 @@ def mtp_raw_log_probs(
     megatron produces it); ``labels`` [b, s] are the main head's labels; ``temperature``
     broadcasts to [b, s]. The log-probs are at the rollout temperature, comparable with the old
     log-probs. ``with_agreement`` also returns [b, s, K]: argmax == sampled token.
+    ``chunk_tokens`` bounds the vocabulary-sized logits alive per depth (``map_token_chunks``).
     """
     from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
 
     tp_group = _tensor_parallel_group()
+    sequence_parallel, tp_size = _output_layer_layout(output_layer)
+    if temperature is not None and not (torch.is_tensor(temperature) and temperature.dim() == 2):
+        temperature = torch.as_tensor(temperature, device=labels.device, dtype=torch.float32).expand(labels.shape)
+
+    def score(hidden, labels_bs, temperature_bs):
+        logits = output_logits(output_layer, hidden, output_weight, detach_output_layer, runtime_gather_output)
+        labels_sb = labels_bs.transpose(0, 1).contiguous()
+        agree = None
+        if with_agreement:  # before scoring: megatron's vocab-parallel CE works on the logits in place
+            agree = argmax_agrees(logits, labels_sb, tp_group).transpose(0, 1)
+        # Score in megatron's [s, b, V/tp] layout and scale in place (the output layer does not
+        # need its output for backward): no extra vocabulary-sized copies.
+        if temperature_bs is not None:
+            logits.div_(temperature_bs.transpose(0, 1).unsqueeze(-1).to(logits.dtype))
+        log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb).transpose(0, 1)
+        return (log_probs, agree) if with_agreement else (log_probs,)
+
     log_probs, valid, agree = [], [], []
     targets = depth_targets(labels, len(hidden_chunks), cp_group=cp_group, packed_seq_params=packed_seq_params)
     for hidden, target in zip(hidden_chunks, targets):
-        logits = output_logits(output_layer, hidden, output_weight, detach_output_layer, runtime_gather_output)
-        labels_sb = target.labels.transpose(0, 1).contiguous()
-        if with_agreement:  # before scoring: megatron's vocab-parallel CE works on the logits in place
-            agree.append(argmax_agrees(logits, labels_sb, tp_group).transpose(0, 1))
-        # Score in megatron's [s, b, V/tp] layout and scale in place (the output layer does not
-        # need its output for backward): no extra vocabulary-sized copies per depth.
-        if temperature is not None:
-            logits.div_(temperature.transpose(0, 1).unsqueeze(-1).to(logits.dtype))
-        log_probs.append(vocab_parallel_log_probs_from_logits(logits, labels_sb).transpose(0, 1))
+        out = map_token_chunks(
+            score, hidden, (target.labels, temperature),
+            chunk_tokens=chunk_tokens, sequence_parallel=sequence_parallel, tp_size=tp_size,
+        )
+        log_probs.append(out[0])
         valid.append(target.valid)
-        del logits  # one depth's vocabulary-sized logits alive at a time (plus what autograd keeps)
+        if with_agreement:
+            agree.append(out[1])
     result = (torch.stack(log_probs, dim=-1), torch.stack(valid, dim=-1))
     return (*result, torch.stack(agree, dim=-1)) if with_agreement else result
 
@@ -158,6 +253,7 @@ def add_mtp_ce_losses(
     cp_group=None,
     packed_seq_params=None,
     runtime_gather_output=None,
+    chunk_tokens: int = 0,
 ):
     """Attach each depth's cross-entropy to ``main_hidden`` (megatron's MTPLossAutoScaler).
 
@@ -172,18 +268,27 @@ def add_mtp_ce_losses(
         loss_mask = torch.ones_like(labels)
     original_num_tokens = loss_mask.sum()
     tp_group = _tensor_parallel_group()
+    sequence_parallel, tp_size = _output_layer_layout(output_layer)
+
+    def score(hidden, labels_bs):
+        logits = output_logits(output_layer, hidden, output_weight, detach_output_layer, runtime_gather_output)
+        if scale_logits_fn is not None:
+            logits = scale_logits_fn(logits)
+        agree = argmax_agrees(logits, labels_bs.transpose(0, 1), tp_group).transpose(0, 1)
+        return compute_language_model_loss(labels_bs, logits), agree  # [b, n] each
+
     agree, valid = [], []
     targets = depth_targets(
         labels, len(hidden_chunks), loss_mask=loss_mask, cp_group=cp_group, packed_seq_params=packed_seq_params
     )
     for hidden, target, scale in zip(hidden_chunks, targets, depth_scales):
-        logits = output_logits(output_layer, hidden, output_weight, detach_output_layer, runtime_gather_output)
-        if scale_logits_fn is not None:
-            logits = scale_logits_fn(logits)
-        agree.append(argmax_agrees(logits, target.labels.transpose(0, 1), tp_group).transpose(0, 1))
+        token_loss, depth_agree = map_token_chunks(
+            score, hidden, (target.labels,),
+            chunk_tokens=chunk_tokens, sequence_parallel=sequence_parallel, tp_size=tp_size,
+        )
+        agree.append(depth_agree)
         valid.append(target.valid)
-        loss = target.loss_mask * compute_language_model_loss(target.labels, logits)  # [b, s]
-        del logits
+        loss = target.loss_mask * token_loss  # [b, s]
         num_tokens = target.num_tokens.clamp(min=1)
         if record is not None:
             record(loss.detach().sum() * (target.num_tokens > 0).to(loss.dtype) / num_tokens, target.depth - 1)
