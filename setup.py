@@ -44,7 +44,8 @@ setup(
     extras_require={
         "vllm": ["vllm>=0.10"],
         "sglang": ["sglang>=0.5"],
-        "test": ["pytest>=8", "pytest-timeout", "cachetools", "uvicorn", "fastapi"],
+        "demo": ["matplotlib>=3.7"],  # the demo's figure
+        "test": ["pytest>=8", "pytest-timeout", "cachetools", "uvicorn", "fastapi", "matplotlib>=3.7"],
     },
     entry_points={
         # `import verl` imports every module registered in this group (see verl/__init__.py).

@@ -114,12 +114,18 @@ class CpuStandInEngine(BaseEngine):
     old_log_probs, advantages. Every micro-batch's loss metrics are kept in ``micro_batch_metrics``.
     """
 
-    def __init__(self, model, micro_batch_size: int = 2, lr: float = 0.1, temperature: float = 1.0, mtp_enable_train=True):
+    def __init__(
+        self, model, micro_batch_size: int = 2, lr: float = 0.1, temperature: float = 1.0, mtp_enable_train=True,
+        optimizer: str = "sgd",
+    ):
         self.module = [model]
         self.mtp_enable_train = mtp_enable_train
         self.micro_batch_size = micro_batch_size
         self.temperature = temperature
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+        if optimizer not in optimizers:
+            raise ValueError(f"optimizer={optimizer!r}: valid choices are {', '.join(optimizers)}")
+        self.optimizer = optimizers[optimizer](model.parameters(), lr=lr)
         self.micro_batch_metrics: list[dict] = []
         self.forward_only_calls = 0
 
