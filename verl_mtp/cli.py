@@ -41,6 +41,93 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt(args: argparse.Namespace) -> int:
+    import json
+
+    from verl_mtp import ckpt
+
+    name = f"verl-mtp ckpt {args.ckpt_command}"
+    try:
+        if args.ckpt_command == "inspect":
+            report = ckpt.inspect_checkpoint(args.dir)
+            print(json.dumps(report.as_dict(), indent=2) if args.json else ckpt.render_inspect(report).rstrip("\n"))
+            return 0 if report.complete else 1
+        if args.ckpt_command == "extract":
+            try:
+                max_shard = ckpt.parse_size(args.max_shard_size)
+            except ValueError as exc:
+                raise ckpt.CkptError(f"--max-shard-size {exc}") from exc
+            result = ckpt.extract_mtp(args.src, args.out, overwrite=args.overwrite, max_shard_bytes=max_shard)
+        elif args.ckpt_command == "stitch":
+            result = ckpt.stitch_mtp(args.verifier, args.donor, args.out, overwrite=args.overwrite, link=args.link)
+        else:
+            result = ckpt.graft_mtp(args.base, args.rl, args.out, overwrite=args.overwrite, link=args.link)
+    except ckpt.CkptError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{name}: I/O error: {exc}; the output directory was not created", file=sys.stderr)
+        return 1
+    print(json.dumps(result.as_dict(), indent=2) if args.json else ckpt.render_result(result).rstrip("\n"))
+    return 0
+
+
+def _add_ckpt_parser(sub) -> None:
+    ckpt = sub.add_parser(
+        "ckpt",
+        help="inspect, extract, stitch or graft the MTP head of a Hugging Face checkpoint",
+        description="Tools for the MTP head of Hugging Face safetensors checkpoints (MiMo, DeepSeek-V3, GLM-4.5, "
+        "Qwen3-Next, Qwen3.5). They read shard headers and stream tensors; outputs appear only when complete.",
+    )
+    cmds = ckpt.add_subparsers(dest="ckpt_command", required=True)
+
+    def common(p, writes=True):
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+        if writes:
+            p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    inspect = cmds.add_parser(
+        "inspect", help="list the MTP tensors and check the head is complete",
+        description="Print the family, declared MTP depths, the MTP tensors per depth and whether the head is "
+        "complete. Exit 0 complete, 1 incomplete, 2 unreadable checkpoint.",
+    )
+    inspect.add_argument("dir", help="checkpoint directory (config.json + safetensors)")
+    common(inspect, writes=False)
+
+    extract = cmds.add_parser(
+        "extract", help="write the MTP head (+ embedding, lm_head) as a checkpoint of its own",
+        description="Write SRC's MTP tensors and the trunk tensors a drafter shares (embedding, lm_head) to OUT "
+        "as sharded safetensors with an index, a copy of config.json and mtp_extract.json.",
+    )
+    extract.add_argument("src")
+    extract.add_argument("out")
+    extract.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    common(extract)
+
+    stitch = cmds.add_parser(
+        "stitch", help="copy VERIFIER with its MTP tensors replaced by DONOR's",
+        description="Write OUT = VERIFIER with every MTP tensor taken from DONOR (same family, names, shapes, "
+        "dtypes; DONOR may be an `extract` output). Shards without MTP tensors are copied unchanged.",
+    )
+    stitch.add_argument("verifier")
+    stitch.add_argument("donor")
+    stitch.add_argument("out")
+    stitch.add_argument("--link", action="store_true", help="hard-link unchanged shards instead of copying them")
+    common(stitch)
+
+    graft = cmds.add_parser(
+        "graft", help="put BASE's MTP head into an RL-trained checkpoint",
+        description="Write OUT = RL with BASE's MTP head: RL's MTP tensors are replaced, dropped ones are added as "
+        "a new shard, and a dropped MTP depth key is restored in config.json.",
+    )
+    graft.add_argument("base")
+    graft.add_argument("rl")
+    graft.add_argument("out")
+    graft.add_argument("--link", action="store_true", help="hard-link unchanged shards instead of copying them")
+    common(graft)
+    ckpt.set_defaults(func=_ckpt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from verl_mtp.explain import WRAPPER_CONFIG_NAME
 
@@ -71,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "GRPO (verl's advantages, verl's actor loss with verl-mtp's MTP term), once per MTP regime, "
         "from the same warmed-up weights and seeds. Writes metrics.jsonl, summary.json and demo.png.",
     )
-    demo.add_argument("--steps", type=int, default=30, help="RL steps per regime (default 30)")
+    demo.add_argument("--steps", type=int, default=50, help="RL steps per regime (default 50)")
     demo.add_argument(
         "--regimes", default=",".join(DEFAULT_REGIMES),
         help=f"comma-separated, from {', '.join(REGIMES)} (none = a model without MTP head, for reference)",
@@ -81,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--warmup-steps", type=int, default=20, help="supervised warm-up steps (default 20)")
     demo.add_argument("--no-figure", action="store_true", help="skip the PNG (no matplotlib needed)")
     demo.set_defaults(func=_demo)
+    _add_ckpt_parser(sub)
     return parser
 
 

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 BOS = 10
-VOCAB = 16  # digits 0-9, BOS, unused ids (the model never needs to emit them)
+VOCAB = 16  # digits 0-9, BOS, unused ids (sampled like any token; a non-digit is simply wrong)
 PROMPT_DIGITS = 4
 PROMPT_LEN = 1 + PROMPT_DIGITS
 RESPONSE_LEN = 6
@@ -64,16 +64,17 @@ def regime_config(name: str, coef: float = 0.1):
 
 @dataclass
 class DemoOptions:
-    steps: int = 30
+    steps: int = 50
     regimes: tuple = DEFAULT_REGIMES
     seed: int = 0
     out_dir: str = "verl_mtp_demo"
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 4  # GRPO group size
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8  # GRPO group size
     mini_batches: int = 2  # updates per step; OCC's lambda is measured off-policy from the second on
-    micro_batch_size: int = 16
-    lr: float = 3e-3
+    micro_batch_size: int = 32
+    lr: float = 1e-3  # RL updates (Adam)
     warmup_steps: int = 20  # leaves the policy at about half the reward: room for RL to improve
+    warmup_lr: float = 3e-3
     temperature: float = 1.0
     coef: float = 0.1  # lambda of the fixed-coefficient regimes
     figure: bool = True
@@ -146,7 +147,7 @@ def generate(model, prompts: torch.Tensor, temperature: float, generator: torch.
     with cpu_megatron():
         for _ in range(RESPONSE_LEN):
             positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-            logits = model(input_ids=tokens, position_ids=positions)[:, -1, :10].float()  # digits only
+            logits = model(input_ids=tokens, position_ids=positions)[:, -1].float()
             probs = torch.softmax(logits / temperature, dim=-1)
             tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
     model.train()
@@ -198,7 +199,7 @@ def warm_up(options: DemoOptions) -> dict:
     from verl_mtp.testing.tiny_megatron import cpu_megatron
 
     model = build_model(regime_config("joint"))
-    optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=options.warmup_lr)
     generator = torch.Generator().manual_seed(options.seed + 10_000)
     for _ in range(options.warmup_steps):
         prompts, answers = sample_prompts(64, generator)

@@ -111,7 +111,15 @@ def build_plan(config) -> MtpPlan:
             "backward (memory grows with context length); the default 2048 bounds them"
         )
     if mtp.mtp_coef_mode == "occ" and mtp.mtp_training_mode == "standalone":
-        notes.append("OCC with standalone: the MTP term reaches no shared parameter, so lambda only rescales the head")
+        notes.append(
+            "OCC with standalone: the MTP term reaches no shared parameter, and Adam divides the head's gradient "
+            "by its running scale, so rescaling lambda changes the head's update little; its sign does"
+        )
+    if mtp.mtp_coef_mode == "occ" and (mtp.occ_coef_min is None or mtp.occ_coef_min < 0):
+        notes.append(
+            "OCC lambda may go negative (occ_coef_min unset, as in the paper): the MTP term then trains the head "
+            "away from the policy at Adam's full step size; occ_coef_min=0 prevents it"
+        )
 
     policy_loss_mode = None
     if mtp.mtp_loss_type == "rl":
