@@ -1,0 +1,38 @@
+"""``verl-mtp ckpt``: inspect, extract, stitch and graft MTP heads of Hugging Face safetensors
+checkpoints, streaming (headers and one tensor's bytes at a time; unchanged shards are copied as files).
+
+Importing this package touches neither verl nor torch; reading a checkpoint's config imports
+``verl_mtp.config`` (and with it verl) for the MTP depth detection shared with ``verl-mtp explain``.
+"""
+
+from verl_mtp.ckpt.checkpoint import CkptError, HFCheckpoint, completeness, open_checkpoint
+from verl_mtp.ckpt.files import FAIL_AFTER_SHARDS_ENV, TensorEntry
+from verl_mtp.ckpt.tools import (
+    InspectReport,
+    WriteResult,
+    extract_mtp,
+    graft_mtp,
+    inspect_checkpoint,
+    parse_size,
+    render_inspect,
+    render_result,
+    stitch_mtp,
+)
+
+__all__ = [
+    "FAIL_AFTER_SHARDS_ENV",
+    "CkptError",
+    "HFCheckpoint",
+    "InspectReport",
+    "TensorEntry",
+    "WriteResult",
+    "completeness",
+    "extract_mtp",
+    "graft_mtp",
+    "inspect_checkpoint",
+    "open_checkpoint",
+    "parse_size",
+    "render_inspect",
+    "render_result",
+    "stitch_mtp",
+]

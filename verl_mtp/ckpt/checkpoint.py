@@ -1,0 +1,198 @@
+"""A Hugging Face safetensors checkpoint directory, read header-only, with its MTP tensors located."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from verl_mtp.ckpt.files import SafetensorsFormatError, TensorEntry, read_safetensors_header
+from verl_mtp.models import (
+    Family,
+    MtpKey,
+    MtpNaming,
+    UnknownFamilyError,
+    depth_key_location,
+    detect_family,
+    mtp_depths,
+    text_config,
+)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CkptError(Exception):
+    """Bad, unreadable or incompatible input. The message names the bad thing and what was expected;
+    the CLI prints it and exits 2."""
+
+
+@dataclass
+class HFCheckpoint:
+    path: str
+    role: str  # how messages name it: "VERIFIER", "DONOR", ...
+    config: dict
+    family: Family
+    depths: int
+    naming: MtpNaming
+    index: Optional[dict]  # the parsed index; None for a single-file checkpoint
+    shards: list[str]  # shard file names, in order
+    tensors: dict[str, TensorEntry]  # the checkpoint's tensors (the index's weight_map, or the file)
+    shard_tensors: dict[str, dict[str, TensorEntry]]  # every tensor each shard file holds
+    shard_metadata: dict[str, Optional[dict]]
+    unindexed: dict[str, list[str]] = field(default_factory=dict)  # shard -> tensors not in the index
+    mtp: dict[MtpKey, str] = field(default_factory=dict)  # MTP key -> tensor name
+
+    @property
+    def label(self) -> str:
+        return f"{self.role} {self.path}"
+
+    def shard_of(self, name: str) -> str:
+        return os.path.basename(self.tensors[name].path)
+
+    def depth_key(self) -> Optional[str]:
+        where = depth_key_location(self.config)
+        if where is None:
+            return None
+        parent, key = where
+        return f"{parent}.{key}" if parent else key
+
+    def hidden_size(self) -> Optional[int]:
+        value = text_config(self.config).get("hidden_size")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def drafter_shared(self) -> list[str]:
+        return sorted(n for n in self.tensors if self.naming.is_drafter_shared(n))
+
+    def embedding(self) -> Optional[TensorEntry]:
+        """The trunk's token embedding (``...embed_tokens.weight`` outside the MTP head)."""
+        names = [n for n in self.drafter_shared() if n.endswith("embed_tokens.weight")]
+        return self.tensors[min(names, key=len)] if names else None
+
+
+def _read_config(path: str, role: str) -> dict:
+    from verl_mtp.config import read_local_hf_config
+
+    try:
+        config = read_local_hf_config(path)
+    except (OSError, ValueError) as exc:
+        raise CkptError(f"{role} {path}/config.json is unreadable: {exc}; expected a JSON object") from exc
+    if config is None:
+        raise CkptError(f"{role} {path} has no config.json; expected a Hugging Face checkpoint directory")
+    if not isinstance(config, dict):
+        raise CkptError(f"{role} {path}/config.json is not a JSON object")
+    return config
+
+
+def _read_header(path: str, label: str):
+    try:
+        return read_safetensors_header(path)
+    except SafetensorsFormatError as exc:
+        raise CkptError(f"{label}: {exc}") from exc
+    except OSError as exc:
+        raise CkptError(f"{label}: cannot read {path}: {exc}") from exc
+
+
+def open_checkpoint(path: str, role: str = "checkpoint") -> HFCheckpoint:
+    """Read ``config.json``, the index and every shard header of a checkpoint directory; locate its
+    MTP tensors. Raises CkptError for anything unreadable or inconsistent."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    label = f"{role} {path}"
+    if not os.path.isdir(path):
+        raise CkptError(f"{label} is not a directory; expected a Hugging Face checkpoint directory")
+    config = _read_config(path, role)
+    try:
+        family = detect_family(config)
+    except UnknownFamilyError as exc:
+        raise CkptError(f"{label}: {exc}") from exc
+
+    index_path = os.path.join(path, INDEX_NAME)
+    index: Optional[dict] = None
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CkptError(f"{label}: {INDEX_NAME} is unreadable: {exc}") from exc
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CkptError(f'{label}: {INDEX_NAME} has no "weight_map" object of tensor name -> shard file')
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise CkptError(
+                f"{label}: shard file(s) named in {INDEX_NAME} are missing: {', '.join(missing)}"
+            )
+    elif os.path.isfile(os.path.join(path, SINGLE_NAME)):
+        weight_map = None
+        shards = [SINGLE_NAME]
+    else:
+        raise CkptError(f"{label} has neither {INDEX_NAME} nor {SINGLE_NAME}; expected safetensors weights")
+
+    shard_tensors: dict[str, dict[str, TensorEntry]] = {}
+    shard_metadata: dict[str, Optional[dict]] = {}
+    for shard in shards:
+        header = _read_header(os.path.join(path, shard), label)
+        shard_tensors[shard] = header.tensors
+        shard_metadata[shard] = header.metadata
+
+    tensors: dict[str, TensorEntry] = {}
+    unindexed: dict[str, list[str]] = {}
+    if weight_map is None:
+        tensors = dict(shard_tensors[SINGLE_NAME])
+    else:
+        absent = [f"{n} (in {s})" for n, s in weight_map.items() if n not in shard_tensors[s]]
+        if absent:
+            shown = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+            raise CkptError(f"{label}: {INDEX_NAME} names tensors their shard does not hold: {shown}")
+        tensors = {n: shard_tensors[s][n] for n, s in weight_map.items()}
+        for shard, held in shard_tensors.items():
+            extra = sorted(n for n in held if weight_map.get(n) != shard)
+            if extra:
+                unindexed[shard] = extra
+
+    depths = mtp_depths(config)
+    try:
+        naming = family.naming(config, depths, tensors.keys())
+    except ValueError as exc:
+        raise CkptError(f"{label}: {exc}") from exc
+    mtp: dict[MtpKey, str] = {}
+    for name in tensors:
+        key = naming.key(name)
+        if key is None:
+            continue
+        if key in mtp:
+            raise CkptError(
+                f"{label}: tensors {mtp[key]} and {name} are the same {family.title} MTP tensor "
+                f"(depth {key[0]}, {key[1]}); expected one"
+            )
+        mtp[key] = name
+    return HFCheckpoint(
+        path=path, role=role, config=config, family=family, depths=depths, naming=naming, index=index,
+        shards=shards, tensors=tensors, shard_tensors=shard_tensors, shard_metadata=shard_metadata,
+        unindexed=unindexed, mtp=mtp,
+    )
+
+
+def completeness(ckpt: HFCheckpoint) -> tuple[list[str], list[str]]:
+    """(missing, unexpected): core MTP tensors the declared depths lack, and MTP tensors beyond
+    the declared depth count."""
+    naming, depths = ckpt.naming, ckpt.depths
+    missing: list[str] = []
+    if depths == 0:
+        missing.append(
+            f"an MTP depth count: config.json declares none ({ckpt.family.depth_key} > 0, "
+            f"also accepted under text_config)"
+        )
+    for key in naming.required_keys():
+        if key not in ckpt.mtp:
+            missing.append(naming.name(key))
+    if not ckpt.family.core:  # no per-depth core names: a depth needs at least one tensor of its own
+        for depth in range(depths):
+            if not any(k[0] == depth for k in ckpt.mtp):
+                missing.append(naming.name((depth, "*")))
+    unexpected = sorted(
+        name for (depth, _), name in ckpt.mtp.items() if (depth is None and depths == 0) or (depth or 0) >= depths
+    )
+    return missing, unexpected

@@ -1,0 +1,542 @@
+"""The ``verl-mtp ckpt`` operations: inspect, extract, stitch, graft; and their text / JSON reports.
+
+Every writing operation builds its output in a sibling staging directory and renames it to OUT
+only when everything is written (``files.staged_output``); shards that hold no MTP tensor are
+copied as files, byte for byte; the other shards are rewritten tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from verl_mtp.ckpt.checkpoint import INDEX_NAME, SINGLE_NAME, CkptError, HFCheckpoint, completeness, open_checkpoint
+from verl_mtp.ckpt.files import (
+    OWNER_MARKER,
+    TensorEntry,
+    copy_file,
+    maybe_fail,
+    staged_output,
+    write_json,
+    write_safetensors,
+)
+from verl_mtp.models import MtpKey, with_depths
+
+EXTRACT_INFO_NAME = "mtp_extract.json"
+GRAFT_SHARD_NAME = "model-mtp.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # the transformers default, "5GB"
+NEW_SHARD_METADATA = {"format": "pt"}
+
+
+def _natural(text: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+
+
+def _key_order(key: MtpKey) -> tuple:
+    depth, rest = key
+    return (-1 if depth is None else depth, _natural(rest))
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MiB"``, ``"1000000"`` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), flags=re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"{text!r} is not a size; expected e.g. 5GB, 500MiB or a number of bytes")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}.get(unit)
+    if scale is None:
+        raise ValueError(f"{text!r}: unknown unit {m.group(2)!r}; expected B, KB, MB, GB, KiB, MiB or GiB")
+    value = int(float(m.group(1)) * scale)
+    if value <= 0:
+        raise ValueError(f"{text!r}: expected a positive size")
+    return value
+
+
+def _tensor_row(ckpt: HFCheckpoint, name: str) -> dict:
+    e = ckpt.tensors[name]
+    return {"name": name, "shape": list(e.shape), "dtype": e.dtype, "bytes": e.nbytes, "shard": ckpt.shard_of(name)}
+
+
+# --- inspect -------------------------------------------------------------------------------------
+
+
+@dataclass
+class InspectReport:
+    path: str
+    family: str
+    family_title: str
+    model_type: Optional[str]
+    depths: int
+    depth_key: Optional[str]
+    layout: str
+    complete: bool
+    missing: list[str]
+    unexpected: list[str]
+    mtp_tensors: int
+    mtp_bytes: int
+    groups: dict[str, list[dict]]  # "shared" / "0" / "1" ... -> tensor rows
+    drafter_shared: list[dict]
+    shards: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _group_label(depth: Optional[int]) -> str:
+    return "shared" if depth is None else str(depth)
+
+
+def inspect_loaded(ckpt: HFCheckpoint) -> InspectReport:
+    missing, unexpected = completeness(ckpt)
+    groups: dict[str, list[dict]] = {}
+    for key in sorted(ckpt.mtp, key=_key_order):
+        groups.setdefault(_group_label(key[0]), []).append(_tensor_row(ckpt, ckpt.mtp[key]))
+    mtp_bytes = sum(ckpt.tensors[n].nbytes for n in ckpt.mtp.values())
+    warnings = []
+    for shard, names in ckpt.unindexed.items():
+        mtp_names = [n for n in names if ckpt.naming.is_mtp(n)]
+        note = f"{shard} holds {len(names)} tensor(s) that {INDEX_NAME} does not list (loaders ignore them)"
+        if mtp_names:
+            note += f", MTP among them: {', '.join(mtp_names[:8])}" + (" ..." if len(mtp_names) > 8 else "")
+        warnings.append(note)
+    if ckpt.embedding() is None:
+        warnings.append("no token embedding (...embed_tokens.weight) outside the MTP head; a drafter needs one")
+    return InspectReport(
+        path=ckpt.path, family=ckpt.family.name, family_title=ckpt.family.title,
+        model_type=ckpt.config.get("model_type"), depths=ckpt.depths, depth_key=ckpt.depth_key(),
+        layout=ckpt.family.layout, complete=not missing and not unexpected, missing=missing,
+        unexpected=unexpected, mtp_tensors=len(ckpt.mtp), mtp_bytes=mtp_bytes, groups=groups,
+        drafter_shared=[_tensor_row(ckpt, n) for n in ckpt.drafter_shared()], shards=list(ckpt.shards),
+        warnings=warnings,
+    )
+
+
+def inspect_checkpoint(path: str) -> InspectReport:
+    """What MTP head a checkpoint holds and whether it is complete. Raises CkptError when the
+    checkpoint is unreadable (no config.json, unknown family, missing or broken shard)."""
+    return inspect_loaded(open_checkpoint(path, "checkpoint"))
+
+
+def _collapse_experts(rows: list[dict]) -> list[tuple[str, str, int]]:
+    """(name, "[shape] dtype", count): rows differing only in an experts.{n} index fold into one."""
+    folded: dict[tuple[str, str], list[int]] = {}
+    order: list[tuple[str, str]] = []
+    for row in rows:
+        desc = f"[{', '.join(map(str, row['shape']))}] {row['dtype']}"
+        m = re.search(r"\.experts\.(\d+)\.", row["name"])
+        pattern = row["name"] if m is None else row["name"][: m.start()] + ".experts.{}." + row["name"][m.end():]
+        k = (pattern, desc)
+        if k not in folded:
+            folded[k] = []
+            order.append(k)
+        if m is not None:
+            folded[k].append(int(m.group(1)))
+    out = []
+    for pattern, desc in order:
+        ids = folded[(pattern, desc)]
+        if not ids:
+            out.append((pattern, desc, 1))
+        elif len(ids) == 1:
+            out.append((pattern.replace("{}", str(ids[0])), desc, 1))
+        else:
+            contiguous = sorted(ids) == list(range(min(ids), max(ids) + 1))
+            span = f"{{{min(ids)}..{max(ids)}}}" if contiguous else "{" + ",".join(map(str, sorted(ids))) + "}"
+            out.append((pattern.replace("{}", span), desc, len(ids)))
+    return out
+
+
+def render_inspect(report: InspectReport) -> str:
+    lines = [f"checkpoint   {report.path}"]
+    lines.append(f"family       {report.family_title} (model_type {report.model_type}); MTP names {report.layout}")
+    key = f"({report.depth_key})" if report.depth_key else "(config.json has no depth key > 0)"
+    declared = f"{report.depths} {key}"
+    lines.append(f"MTP depths   {declared}")
+    lines.append(f"shards       {len(report.shards)}: {', '.join(report.shards)}")
+    for label, rows in report.groups.items():
+        title = "shared by all depths" if label == "shared" else f"depth {label}"
+        size = sum(r["bytes"] for r in rows)
+        lines.append(f"{title}: {len(rows)} tensor(s), {_fmt_bytes(size)}")
+        width = max(len(name) for name, _, _ in _collapse_experts(rows))
+        for name, desc, count in _collapse_experts(rows):
+            lines.append(f"  {name:<{width}}  {desc}" + (f"  x{count}" if count > 1 else ""))
+    if report.drafter_shared:
+        shared = ", ".join(
+            f"{r['name']} [{', '.join(map(str, r['shape']))}] {r['dtype']}" for r in report.drafter_shared
+        )
+        lines.append(f"drafter also needs  {shared}")
+    lines.append(f"MTP total    {report.mtp_tensors} tensor(s), {_fmt_bytes(report.mtp_bytes)}")
+    if report.complete:
+        lines.append("complete     yes: every declared depth has its core tensors")
+    else:
+        lines.append("complete     NO")
+        for name in report.missing:
+            lines.append(f"  missing     {name}")
+        for name in report.unexpected:
+            lines.append(f"  unexpected  {name} (beyond the {report.depths} declared depth(s))")
+    for w in report.warnings:
+        lines.append(f"warning      {w}")
+    return "\n".join(lines) + "\n"
+
+
+# --- writing operations --------------------------------------------------------------------------
+
+
+@dataclass
+class WriteResult:
+    command: str
+    out: str
+    inputs: dict[str, str]
+    family: str
+    depths: int
+    shards_rewritten: list[str] = field(default_factory=list)
+    shards_copied: list[str] = field(default_factory=list)
+    shards_linked: list[str] = field(default_factory=list)
+    shards_new: list[str] = field(default_factory=list)
+    tensors_replaced: list[str] = field(default_factory=list)
+    tensors_added: list[str] = field(default_factory=list)
+    tensors_written: int = 0
+    config_changed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def render_result(result: WriteResult) -> str:
+    lines = [f"wrote        {result.out} ({result.command}, {result.family}, {result.depths} MTP depth(s))"]
+    for role, path in result.inputs.items():
+        lines.append(f"{role.lower():<12} {path}")
+    if result.shards_new:
+        lines.append(f"new shards   {', '.join(result.shards_new)} ({result.tensors_written} tensor(s))")
+    if result.shards_rewritten:
+        lines.append(f"rewritten    {', '.join(result.shards_rewritten)}")
+    if result.shards_copied:
+        lines.append(f"copied       {', '.join(result.shards_copied)} (byte for byte)")
+    if result.shards_linked:
+        lines.append(f"hard-linked  {', '.join(result.shards_linked)}")
+    if result.tensors_replaced:
+        lines.append(f"replaced     {len(result.tensors_replaced)} MTP tensor(s)")
+    if result.tensors_added:
+        lines.append(f"added        {len(result.tensors_added)} MTP tensor(s)")
+    if result.config_changed:
+        lines.append("config.json  MTP depth count restored")
+    for note in result.notes:
+        lines.append(f"note         {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _check_out(out: str, overwrite: bool, *inputs: HFCheckpoint) -> str:
+    out = os.path.abspath(os.path.expanduser(str(out)))
+    for ckpt in inputs:
+        if os.path.realpath(out) == os.path.realpath(ckpt.path):
+            raise CkptError(f"OUT {out} is the {ckpt.role} checkpoint itself; expected a new directory")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise CkptError(f"OUT {out}: parent directory {os.path.dirname(out)} does not exist")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise CkptError(f"OUT {out} already exists; expected a new path (or pass --overwrite)")
+        if not os.path.isdir(out):
+            raise CkptError(f"OUT {out} exists and is not a directory; refusing to replace it")
+    return out
+
+
+def _same_family(a: HFCheckpoint, b: HFCheckpoint) -> None:
+    if a.family.name != b.family.name:
+        raise CkptError(
+            f"{a.role} is {a.family.title} (model_type {a.config.get('model_type')}) but {b.role} is "
+            f"{b.family.title} (model_type {b.config.get('model_type')}); expected the same family"
+        )
+
+
+def _require_complete(ckpt: HFCheckpoint) -> None:
+    missing, unexpected = completeness(ckpt)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(missing))
+        if unexpected:
+            parts.append(f"beyond the {ckpt.depths} declared depth(s): " + ", ".join(unexpected))
+        raise CkptError(
+            f"{ckpt.label} has no complete {ckpt.family.title} MTP head ({'; '.join(parts)}); "
+            f"run `verl-mtp ckpt inspect` on it"
+        )
+
+
+def _refuse(what: str, problems: list[str], limit: int = 40) -> CkptError:
+    shown = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+    return CkptError(what + ":\n  " + "\n  ".join(shown))
+
+
+def _compare_mtp(a: HFCheckpoint, b: HFCheckpoint) -> list[str]:
+    problems = []
+    for key in sorted(set(a.mtp) | set(b.mtp), key=_key_order):
+        if key not in b.mtp:
+            problems.append(f"{a.mtp[key]}: in {a.role} {a.tensors[a.mtp[key]].describe()}, not in {b.role}")
+        elif key not in a.mtp:
+            problems.append(f"{b.mtp[key]}: in {b.role} {b.tensors[b.mtp[key]].describe()}, not in {a.role}")
+        else:
+            ea, eb = a.tensors[a.mtp[key]], b.tensors[b.mtp[key]]
+            if (ea.shape, ea.dtype) != (eb.shape, eb.dtype):
+                problems.append(f"{a.mtp[key]}: {a.role} {ea.describe()} vs {b.role} {eb.describe()}")
+    return problems
+
+
+def _other_files(src: str, skip: set[str], result: WriteResult) -> list[str]:
+    """Top-level files of ``src`` that travel with the weights (tokenizer, generation config, ...)."""
+    keep = []
+    for name in sorted(os.listdir(src)):
+        full = os.path.join(src, name)
+        if name in skip or name == OWNER_MARKER:
+            continue
+        if os.path.isdir(full):
+            result.notes.append(f"directory {name}/ of the input was not copied")
+        elif name.endswith(".safetensors"):
+            result.notes.append(f"{name} is not part of the input's weights (not in its index); not copied")
+        elif os.path.isfile(full):
+            keep.append(name)
+    return keep
+
+
+def _unique_name(wanted: str, taken: set[str]) -> str:
+    if wanted not in taken:
+        return wanted
+    stem, ext = wanted.rsplit(".", 1)
+    n = 1
+    while f"{stem}-{n}.{ext}" in taken:
+        n += 1
+    return f"{stem}-{n}.{ext}"
+
+
+def _write_modified(
+    target: HFCheckpoint,
+    staging: str,
+    replace: dict[str, TensorEntry],
+    add: dict[str, TensorEntry],
+    config: Optional[dict],
+    link: bool,
+    result: WriteResult,
+) -> None:
+    """Write ``target`` into ``staging`` with the tensors in ``replace`` swapped (same names) and
+    those in ``add`` appended as a new shard. Shards without a replaced tensor are copied as files."""
+    single = target.index is None
+    rename: dict[str, str] = {}
+    add_shard = None
+    if add:
+        if single:
+            # transformers prefers model.safetensors over an index: go sharded so the head is loaded.
+            rename[SINGLE_NAME] = "model-00001-of-00002.safetensors"
+            add_shard = "model-00002-of-00002.safetensors"
+            result.notes.append(f"{SINGLE_NAME} became {rename[SINGLE_NAME]} (copied) so that {INDEX_NAME} is used")
+        else:
+            add_shard = _unique_name(GRAFT_SHARD_NAME, set(os.listdir(target.path)) | set(target.shards))
+
+    written = 0
+    for shard in target.shards:
+        dst_name = rename.get(shard, shard)
+        dst = os.path.join(staging, dst_name)
+        held = target.shard_tensors[shard]
+        swapped = {n for n, e in held.items() if n in replace and target.tensors.get(n) == e}
+        if swapped:
+            write_safetensors(dst, [(n, replace[n] if n in swapped else e) for n, e in held.items()],
+                              target.shard_metadata[shard])
+            result.shards_rewritten.append(dst_name)
+            result.tensors_written += len(held)
+        else:
+            how = copy_file(os.path.join(target.path, shard), dst, link=link)
+            (result.shards_linked if how == "linked" else result.shards_copied).append(dst_name)
+        written += 1
+        maybe_fail(written)
+    if add:
+        write_safetensors(os.path.join(staging, add_shard), sorted(add.items()), NEW_SHARD_METADATA)
+        result.shards_new.append(add_shard)
+        result.tensors_written += len(add)
+        written += 1
+        maybe_fail(written)
+
+    if not single or add:
+        weight_map = {n: rename.get(target.shard_of(n), target.shard_of(n)) for n in target.tensors}
+        weight_map.update({n: add_shard for n in sorted(add)})
+        index = dict(target.index) if target.index else {}
+        metadata = dict(index.get("metadata") or {})
+        added = sum(e.nbytes for e in add.values())
+        delta = sum(replace[n].nbytes - target.tensors[n].nbytes for n in replace)
+        total = metadata.get("total_size")
+        if isinstance(total, int) and not isinstance(total, bool):
+            metadata["total_size"] = total + added + delta
+        else:
+            metadata["total_size"] = sum(e.nbytes for e in target.tensors.values()) + added + delta
+        index["metadata"] = metadata
+        index["weight_map"] = weight_map
+        write_json(os.path.join(staging, INDEX_NAME), index)
+
+    if config is None:
+        copy_file(os.path.join(target.path, "config.json"), os.path.join(staging, "config.json"))
+    else:
+        write_json(os.path.join(staging, "config.json"), config)
+        result.config_changed = True
+    for name in _other_files(target.path, {"config.json", INDEX_NAME, *target.shards}, result):
+        copy_file(os.path.join(target.path, name), os.path.join(staging, name))
+
+
+def stitch_mtp(verifier: str, donor: str, out: str, *, overwrite: bool = False, link: bool = False) -> WriteResult:
+    """Write a copy of VERIFIER whose MTP tensors are DONOR's. DONOR may be a full checkpoint of
+    the same family or an ``extract`` output; every MTP tensor must match in name (after family
+    mapping), shape and dtype."""
+    v = open_checkpoint(verifier, "VERIFIER")
+    d = open_checkpoint(donor, "DONOR")
+    out = _check_out(out, overwrite, v, d)
+    _same_family(v, d)
+    if not v.mtp:
+        raise CkptError(
+            f"{v.label} holds no {v.family.title} MTP tensors ({v.family.layout}), so there is nothing to "
+            f"replace; to add a head to a checkpoint that dropped it use `verl-mtp ckpt graft`"
+        )
+    _require_complete(d)
+    if v.depths != d.depths:
+        raise CkptError(
+            f"VERIFIER declares {v.depths} MTP depth(s) ({v.depth_key() or 'no depth key'}) but DONOR declares "
+            f"{d.depths}; expected equal (to restore a dropped depth key use `verl-mtp ckpt graft`)"
+        )
+    problems = _compare_mtp(v, d)
+    if problems:
+        raise _refuse("refusing to stitch: the MTP tensors of VERIFIER and DONOR differ", problems)
+    replace = {v.mtp[key]: d.tensors[d.mtp[key]] for key in v.mtp}
+    result = WriteResult("stitch", out, {"VERIFIER": v.path, "DONOR": d.path}, v.family.name, v.depths,
+                         tensors_replaced=sorted(replace, key=_natural))
+    with staged_output(out, overwrite) as staging:
+        _write_modified(v, staging, replace, {}, None, link, result)
+    return result
+
+
+def _graft_problems(base: HFCheckpoint, rl: HFCheckpoint) -> list[str]:
+    problems = []
+    shared_b = {s: [n for n in base.drafter_shared() if n.endswith(s)] for s in base.family.drafter_suffixes}
+    shared_r = {s: [n for n in rl.drafter_shared() if n.endswith(s)] for s in rl.family.drafter_suffixes}
+    for suffix in base.family.drafter_suffixes:
+        if shared_b[suffix] and shared_r[suffix]:
+            nb, nr = min(shared_b[suffix], key=len), min(shared_r[suffix], key=len)
+            eb, er = base.tensors[nb], rl.tensors[nr]
+            if eb.shape != er.shape:
+                problems.append(
+                    f"hidden size / vocabulary differ: BASE {nb} {list(eb.shape)} vs RL {nr} {list(er.shape)}"
+                )
+    hb, hr = base.hidden_size(), rl.hidden_size()
+    if hb is not None and hr is not None and hb != hr:
+        problems.append(f"config.json hidden_size differs: BASE {hb} vs RL {hr}")
+    emb = rl.embedding()
+    hidden = emb.shape[-1] if emb is not None and emb.shape else hr
+    if hidden is not None:
+        for key in base.naming.projection_keys():
+            if key in base.mtp:
+                e = base.tensors[base.mtp[key]]
+                if e.shape != (hidden, 2 * hidden):
+                    problems.append(
+                        f"BASE {base.mtp[key]} {list(e.shape)} does not fit RL's hidden size {hidden} "
+                        f"(expected [{hidden}, {2 * hidden}])"
+                    )
+        for key in base.naming.required_keys():
+            e = base.tensors.get(base.mtp.get(key, ""))
+            if e is not None and len(e.shape) == 1 and e.shape != (hidden,):
+                problems.append(f"BASE {base.mtp[key]} {list(e.shape)} does not fit RL's hidden size {hidden}")
+    for key in sorted(rl.mtp, key=_key_order):
+        name = rl.mtp[key]
+        if key not in base.mtp:
+            problems.append(f"RL {name} {rl.tensors[name].describe()} has no counterpart in BASE's head")
+            continue
+        eb, er = base.tensors[base.mtp[key]], rl.tensors[name]
+        if (eb.shape, eb.dtype) != (er.shape, er.dtype):
+            problems.append(f"{name}: RL {er.describe()} vs BASE {base.mtp[key]} {eb.describe()}")
+    return problems
+
+
+def graft_mtp(base: str, rl: str, out: str, *, overwrite: bool = False, link: bool = False) -> WriteResult:
+    """Write a copy of RL carrying BASE's MTP head: RL's MTP tensors (if any) are replaced by
+    BASE's; the ones RL dropped are added as a new shard; a dropped depth key is restored."""
+    b = open_checkpoint(base, "BASE")
+    r = open_checkpoint(rl, "RL")
+    out = _check_out(out, overwrite, b, r)
+    _same_family(b, r)
+    _require_complete(b)
+    problems = _graft_problems(b, r)
+    # Names the added tensors get in RL: RL's own MTP naming; Qwen's mtp. prefix from BASE when RL has none.
+    target_naming = r.naming if r.mtp else r.family.naming(r.config, b.depths, b.mtp.values())
+    add: dict[str, TensorEntry] = {}
+    for key in sorted(b.mtp, key=_key_order):
+        if key in r.mtp:
+            continue
+        name = target_naming.name(key)
+        if name in r.tensors:
+            problems.append(f"BASE's {b.mtp[key]} would be written as {name}, which RL already holds as a trunk tensor")
+        add[name] = b.tensors[b.mtp[key]]
+    if problems:
+        raise _refuse("refusing to graft: BASE's MTP head does not fit RL", problems)
+    replace = {r.mtp[key]: b.tensors[b.mtp[key]] for key in r.mtp}
+    config = None if r.depths == b.depths else with_depths(r.config, b.depths, like=b.config, family=r.family)
+    result = WriteResult("graft", out, {"BASE": b.path, "RL": r.path}, r.family.name, b.depths,
+                         tensors_replaced=sorted(replace, key=_natural), tensors_added=sorted(add, key=_natural))
+    eb, er = b.embedding(), r.embedding()
+    if add and eb is not None and er is not None and eb.dtype != er.dtype:
+        result.notes.append(f"the added head keeps BASE's dtype {eb.dtype}; RL's trunk is {er.dtype}")
+    with staged_output(out, overwrite) as staging:
+        _write_modified(r, staging, replace, add, config, link, result)
+    return result
+
+
+def extract_mtp(
+    src: str, out: str, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> WriteResult:
+    """Write SRC's MTP tensors plus the trunk tensors a drafter shares (embedding, lm_head) as a
+    checkpoint of their own: shards, index, config.json copy and ``mtp_extract.json``."""
+    s = open_checkpoint(src, "SOURCE")
+    out = _check_out(out, overwrite, s)
+    _require_complete(s)
+    names = [s.mtp[key] for key in sorted(s.mtp, key=_key_order)] + s.drafter_shared()
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = s.tensors[name].nbytes
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    result = WriteResult("extract", out, {"SOURCE": s.path}, s.family.name, s.depths)
+    with staged_output(out, overwrite) as staging:
+        weight_map = {}
+        for i, group in enumerate(groups, start=1):
+            shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            write_safetensors(os.path.join(staging, shard), [(n, s.tensors[n]) for n in group], NEW_SHARD_METADATA)
+            weight_map.update({n: shard for n in group})
+            result.shards_new.append(shard)
+            result.tensors_written += len(group)
+            maybe_fail(i)
+        total = sum(s.tensors[n].nbytes for n in names)
+        write_json(os.path.join(staging, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        copy_file(os.path.join(s.path, "config.json"), os.path.join(staging, "config.json"))
+        from verl_mtp.version import __version__
+
+        write_json(os.path.join(staging, EXTRACT_INFO_NAME), {
+            "family": s.family.name,
+            "model_type": s.config.get("model_type"),
+            "depths": s.depths,
+            "depth_key": s.depth_key(),
+            "source": s.path,
+            "mtp_tensors": len(s.mtp),
+            "mtp_bytes": sum(s.tensors[n].nbytes for n in s.mtp.values()),
+            "drafter_shared": s.drafter_shared(),
+            "tool": f"verl-mtp {__version__}",
+        })
+    if not s.drafter_shared():
+        result.notes.append("SOURCE has no embedding / lm_head outside the MTP head; only MTP tensors were written")
+    return result
