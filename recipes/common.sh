@@ -15,7 +15,7 @@
 #   NNODES, GPUS_PER_NODE, MODEL_PATH, TRAIN_FILES, VAL_FILES, CKPT_DIR, PROJECT, EXP_NAME
 #   ACTOR_TP/PP/CP/EP/ETP, OFFLOAD, ROLLOUT_TP/DP/EP, ROLLOUT_GPU_MEM   parallelism and memory
 #   MAX_PROMPT_LEN, MAX_RESPONSE_LEN, OVERLONG_BUFFER_LEN, TRAIN_BATCH_SIZE, MINI_BATCH_SIZE,
-#   N_RESP, LR, TOKENS_PER_GPU, LOGGER, PYTHON
+#   N_RESP, LR, TOKENS_PER_GPU, LOGGER, PYTHON, OCC_SCALE (the *_rl_occ recipes)
 
 RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RECIPE_NAME="$(basename "$0")"
@@ -213,6 +213,18 @@ if [[ "$SPEC" == 1 ]]; then
 else
     COMMON_ARGS+=(actor_rollout_ref.model.mtp.enable_rollout=False)
 fi
+
+# --- the paper's MTP regime (arXiv 2605.28184), used by every *_rl_occ recipe ------------------
+# Joint training with the actor's policy loss on the MTP head and OCC's coefficient. OCC's other
+# settings stay at the paper's values (verl-mtp's defaults): eps 1e-8, no EMA, no clip (lambda may
+# go negative; add actor_rollout_ref.model.mtp.occ_coef_min=0 to forbid that).
+: "${OCC_SCALE:=1.0}"   # OCC's lambda_plus; the paper uses 1
+RL_OCC_ARGS=(
+    actor_rollout_ref.model.mtp.mtp_training_mode=joint
+    actor_rollout_ref.model.mtp.mtp_loss_type=rl
+    actor_rollout_ref.model.mtp.mtp_coef_mode=occ
+    "actor_rollout_ref.model.mtp.occ_scale=$OCC_SCALE"
+)
 
 # run_verl OVERRIDE... : launch verl's PPO trainer with verl-mtp's wrapper config, or (DRY_RUN)
 # compose and check exactly that config and print the MTP plan.

@@ -20,7 +20,6 @@ set -euo pipefail
 # ~1.3 TB of bf16 weights: a rollout replica spans 4 nodes, attention TP=8 x DP=4 with the experts
 # spread over all 32 GPUs (verl requires EP = TP x DP); the actor is offloaded while it generates.
 : "${ROLLOUT_TP:=8}" "${ROLLOUT_DP:=4}" "${ROLLOUT_EP:=32}" "${ROLLOUT_GPU_MEM:=0.8}"
-: "${OCC_SCALE:=1.0}"   # OCC's lambda_plus; the paper uses 1
 # vLLM before the generic "mtp" method: VLLM_SPEC_METHOD=deepseek_mtp.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -30,8 +29,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 run_verl "${COMMON_ARGS[@]}" \
     "++actor_rollout_ref.actor.megatron.override_transformer_config.num_layers_in_first_pipeline_stage=$PP_FIRST_LAYERS" \
     "++actor_rollout_ref.actor.megatron.override_transformer_config.num_layers_in_last_pipeline_stage=$PP_LAST_LAYERS" \
-    actor_rollout_ref.model.mtp.mtp_training_mode=joint \
-    actor_rollout_ref.model.mtp.mtp_loss_type=rl \
-    actor_rollout_ref.model.mtp.mtp_coef_mode=occ \
-    "actor_rollout_ref.model.mtp.occ_scale=$OCC_SCALE" \
+    "${RL_OCC_ARGS[@]}" \
     "$@"

@@ -17,13 +17,8 @@ set -euo pipefail
 : "${ACTOR_TP:=2}" "${ACTOR_PP:=2}" "${ACTOR_CP:=1}" "${ACTOR_EP:=16}" "${ACTOR_ETP:=1}"
 # ~220 GB of bf16 weights: one node (TP=8) per rollout replica, four replicas.
 : "${ROLLOUT_TP:=8}"
-: "${OCC_SCALE:=1.0}"   # OCC's lambda_plus; the paper uses 1
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-# OCC's other settings stay at the paper's values (verl-mtp's defaults): eps 1e-8, no EMA, no clip.
 run_verl "${COMMON_ARGS[@]}" \
-    actor_rollout_ref.model.mtp.mtp_training_mode=joint \
-    actor_rollout_ref.model.mtp.mtp_loss_type=rl \
-    actor_rollout_ref.model.mtp.mtp_coef_mode=occ \
-    "actor_rollout_ref.model.mtp.occ_scale=$OCC_SCALE" \
+    "${RL_OCC_ARGS[@]}" \
     "$@"

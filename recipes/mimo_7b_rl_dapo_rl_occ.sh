@@ -17,7 +17,6 @@ set -euo pipefail
 : "${ACTOR_TP:=2}" "${ACTOR_PP:=1}" "${ACTOR_CP:=1}"
 # The model fits one GPU; TP=2 replicas leave more KV cache for 16 x 20k-token responses.
 : "${ROLLOUT_TP:=2}"
-: "${OCC_SCALE:=1.0}"   # OCC's lambda_plus; the paper uses 1
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # OCC's other settings stay at the paper's values (verl-mtp's defaults): eps 1e-8, no EMA, no clip
@@ -26,9 +25,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # reuses the last measured lambda (occ_on_policy_coef=previous).
 run_verl "${COMMON_ARGS[@]}" \
     actor_rollout_ref.model.trust_remote_code=True \
-    actor_rollout_ref.model.mtp.mtp_training_mode=joint \
-    actor_rollout_ref.model.mtp.mtp_loss_type=rl \
-    actor_rollout_ref.model.mtp.mtp_coef_mode=occ \
-    "actor_rollout_ref.model.mtp.occ_scale=$OCC_SCALE" \
+    "${RL_OCC_ARGS[@]}" \
     actor_rollout_ref.model.mtp.occ_on_policy_coef=previous \
     "$@"

@@ -19,12 +19,8 @@ set -euo pipefail
 : "${ACTOR_TP:=2}" "${ACTOR_PP:=1}" "${ACTOR_CP:=1}" "${ACTOR_EP:=16}" "${ACTOR_ETP:=1}"
 # ~70 GB of bf16 weights: TP=4 replicas, four of them.
 : "${ROLLOUT_TP:=4}"
-: "${OCC_SCALE:=1.0}"   # OCC's lambda_plus; the paper uses 1
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 run_verl "${COMMON_ARGS[@]}" \
-    actor_rollout_ref.model.mtp.mtp_training_mode=joint \
-    actor_rollout_ref.model.mtp.mtp_loss_type=rl \
-    actor_rollout_ref.model.mtp.mtp_coef_mode=occ \
-    "actor_rollout_ref.model.mtp.occ_scale=$OCC_SCALE" \
+    "${RL_OCC_ARGS[@]}" \
     "$@"
