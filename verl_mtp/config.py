@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
+from verl_mtp.models.families import DEPTH_KEYS, mtp_depths
+
 # verl's own class; after the plugin is active, verl.workers.config.MtpConfig names the subclass below.
 from verl.workers.config.model import MtpConfig as VerlMtpConfig
 
@@ -217,28 +219,15 @@ def as_extended(mtp_config: Any) -> ExtendedMtpConfig:
 # --- MTP depth detection from a Hugging Face config ------------------------------------------
 
 # Where each model family records its MTP depth count (DESIGN.md section 6).
-_DEPTH_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
-
-
 def detect_mtp_depths(hf_config: Any) -> int:
     """Number of MTP depths a Hugging Face config declares (0 if none).
 
     Accepts a transformers ``PretrainedConfig`` or a plain dict (``config.json``); looks at
     ``num_nextn_predict_layers`` (MiMo, DeepSeek-V3, GLM-4.5) and ``mtp_num_hidden_layers``
-    (Qwen3-Next, Qwen3.5), also under ``text_config``.
+    (Qwen3-Next, Qwen3.5), also under ``text_config`` (``verl_mtp.models`` holds the per-family
+    names, shared with the checkpoint tools).
     """
-
-    def get(cfg, key):
-        if cfg is None:
-            return None
-        return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
-
-    for cfg in (hf_config, get(hf_config, "text_config")):
-        for key in _DEPTH_KEYS:
-            value = get(cfg, key)
-            if isinstance(value, int) and value > 0:
-                return value
-    return 0
+    return mtp_depths(hf_config)
 
 
 def read_local_hf_config(model_path: str) -> Optional[dict]:
@@ -258,7 +247,7 @@ def resolve_mtp_depths(mtp: ExtendedMtpConfig, checkpoint_depths: int) -> int:
     if checkpoint_depths <= 0:
         raise MtpConfigError(
             f"{MTP_KEY_PREFIX}.enable=True but the model declares no MTP layers "
-            f"(none of {', '.join(_DEPTH_KEYS)} is > 0 in its config.json, nor under text_config); "
+            f"(none of {', '.join(DEPTH_KEYS)} is > 0 in its config.json, nor under text_config); "
             f"use a checkpoint with an MTP head (MiMo, DeepSeek-V3, GLM-4.5, Qwen3-Next, Qwen3.5) or set enable=False"
         )
     if mtp.mtp_num_layers is None:

@@ -307,25 +307,32 @@ def family_by_name(name: str) -> Family:
     raise UnknownFamilyError(f"unknown family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
 
 
-def mtp_depths(config: dict) -> int:
-    """Declared MTP depth count (0 if none); the same detection ``verl-mtp explain`` uses."""
-    from verl_mtp.config import detect_mtp_depths
+def _field(config: Any, key: str):
+    # config.json as a dict, or a transformers PretrainedConfig (attributes).
+    if config is None:
+        return None
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
-    return detect_mtp_depths(config)
 
-
-def depth_key_location(config: dict) -> Optional[tuple[Optional[str], str]]:
+def depth_key_location(config: Any) -> Optional[tuple[Optional[str], str]]:
     """Where the depth count is declared: ``(None, key)`` at top level, ``("text_config", key)``
-    nested, or None when no key declares a positive count."""
-    nested = config.get("text_config")
-    for parent, cfg in ((None, config), ("text_config", nested)):
-        if not isinstance(cfg, dict):
-            continue
+    nested, or None when no key declares a positive count. ``config`` is a dict or a
+    transformers config."""
+    for parent, cfg in ((None, config), ("text_config", _field(config, "text_config"))):
         for key in DEPTH_KEYS:
-            value = cfg.get(key)
+            value = _field(cfg, key)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return parent, key
     return None
+
+
+def mtp_depths(config: Any) -> int:
+    """Declared MTP depth count (0 if none); the detection ``verl-mtp explain`` uses too."""
+    where = depth_key_location(config)
+    if where is None:
+        return 0
+    parent, key = where
+    return _field(_field(config, parent) if parent else config, key)
 
 
 def _declared_key(config: dict) -> Optional[tuple[Optional[str], str]]:
