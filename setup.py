@@ -36,6 +36,7 @@ setup(
         # 0.16.x is the last line for Python 3.11 (legacy MTP API); 0.17+ needs Python 3.12.
         "megatron-core>=0.16.0,<0.19",
         "mbridge>=0.15.1",
+        "einops",  # mbridge imports it without declaring it
         "omegaconf>=2.3",
         "hydra-core>=1.3",
         "tensordict>=0.8,<=0.10",

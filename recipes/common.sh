@@ -193,8 +193,8 @@ COMMON_ARGS=(
 if [[ "$SPEC" == 1 ]]; then
     COMMON_ARGS+=(actor_rollout_ref.model.mtp.enable_rollout=True)
     if [[ "$ROLLOUT" == vllm ]]; then
-        # "mtp" lets vLLM pick the model's MTP drafter; older vLLM wants the family's own name
-        # (deepseek_mtp, qwen3_next_mtp, ...): set VLLM_SPEC_METHOD then.
+        # "mtp" lets vLLM pick the model's MTP drafter (vLLM >= 0.11; the family names such as
+        # deepseek_mtp are deprecated aliases of it, and older vLLM never syncs the drafter under verl).
         COMMON_ARGS+=(
             "actor_rollout_ref.model.mtp.method=${VLLM_SPEC_METHOD:-mtp}"
             "actor_rollout_ref.model.mtp.num_speculative_tokens=$SPEC_TOKENS"

@@ -20,7 +20,6 @@ set -euo pipefail
 # ~1.3 TB of bf16 weights: a rollout replica spans 4 nodes, attention TP=8 x DP=4 with the experts
 # spread over all 32 GPUs (verl requires EP = TP x DP); the actor is offloaded while it generates.
 : "${ROLLOUT_TP:=8}" "${ROLLOUT_DP:=4}" "${ROLLOUT_EP:=32}" "${ROLLOUT_GPU_MEM:=0.8}"
-# vLLM before the generic "mtp" method: VLLM_SPEC_METHOD=deepseek_mtp.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # The two uneven-stage sizes are Megatron TransformerConfig fields that verl's YAML does not

@@ -20,6 +20,11 @@ set -euo pipefail
 # ~70 GB of bf16 weights: TP=4 replicas, four of them.
 : "${ROLLOUT_TP:=4}"
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# SGLang >= 0.5.10 does not start speculative decoding on this hybrid (Gated DeltaNet) model while its
+# radix cache runs in the default no_buffer mamba mode, and verl does not turn the cache off.
+if [[ "$ROLLOUT" == sglang && "$SPEC" == 1 ]]; then
+    COMMON_ARGS+=(+actor_rollout_ref.rollout.engine_kwargs.sglang.disable_radix_cache=True)
+fi
 
 run_verl "${COMMON_ARGS[@]}" \
     "${RL_OCC_ARGS[@]}" \

@@ -17,8 +17,12 @@ set -euo pipefail
 : "${ACTOR_TP:=2}" "${ACTOR_PP:=2}" "${ACTOR_CP:=1}" "${ACTOR_EP:=16}" "${ACTOR_ETP:=1}"
 # ~160 GB of bf16 weights: TP=4 replicas (40 GB a GPU), eight of them.
 : "${ROLLOUT_TP:=4}"
-# vLLM before the generic "mtp" method: VLLM_SPEC_METHOD=qwen3_next_mtp.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+# SGLang >= 0.5.10 does not start speculative decoding on this hybrid (Gated DeltaNet) model while its
+# radix cache runs in the default no_buffer mamba mode, and verl does not turn the cache off.
+if [[ "$ROLLOUT" == sglang && "$SPEC" == 1 ]]; then
+    COMMON_ARGS+=(+actor_rollout_ref.rollout.engine_kwargs.sglang.disable_radix_cache=True)
+fi
 
 run_verl "${COMMON_ARGS[@]}" \
     "${RL_OCC_ARGS[@]}" \

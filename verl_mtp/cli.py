@@ -128,6 +128,56 @@ def _add_ckpt_parser(sub) -> None:
     ckpt.set_defaults(func=_ckpt)
 
 
+def _accept_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from verl_mtp.rollout.accept_eval import (
+        AcceptEvalError, check_plot_target, plot_report, render_report, run_accept_eval,
+    )
+
+    try:
+        if args.plot:
+            check_plot_target(args.plot)
+        report = run_accept_eval(
+            args.checkpoint, args.data, k_max=args.num_speculative_tokens,
+            temperatures=tuple(args.temperature or (1.0,)), dtype=args.dtype,
+            max_samples=args.max_samples, tokenizer=args.tokenizer,
+        )
+        if args.plot:
+            plot_report(report, args.plot)
+    except AcceptEvalError as exc:
+        print(f"verl-mtp accept-eval: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_dict(), indent=2) if args.json else render_report(report).rstrip("\n"))
+    return 0
+
+
+def _add_accept_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "accept-eval",
+        help="offline speculative acceptance of a checkpoint's MTP head on prompts+responses",
+        description="Load a Hugging Face checkpoint with an MTP head into megatron-core (GPU if torch sees one, "
+        "else CPU), run it teacher-forced over each prompt+response of a JSONL file and report the expected "
+        "acceptance of 1..K speculative tokens over response tokens: greedy, and at each temperature T both "
+        "sum_v min(p,q) (draft sampled) and p(argmax q) (draft greedy), per draft position and as expected "
+        "accepted drafts per verify step. JSONL lines hold prompt_ids/response_ids, or text in prompt/response "
+        "(or input/output, as verl's trainer.rollout_data_dir writes them) tokenized with the checkpoint's tokenizer.",
+    )
+    p.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json + safetensors)")
+    p.add_argument("data", help="JSONL of prompts and responses")
+    p.add_argument("-k", "--num-speculative-tokens", type=int, default=3,
+                   help="largest number of draft tokens K to evaluate (default 3); positions beyond the head's "
+                   "depth count reuse its layers cyclically, as the engines do")
+    p.add_argument("--temperature", type=float, action="append",
+                   help="sampling temperature (repeatable; default 1.0); greedy is always reported")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N lines")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for text lines (default: the checkpoint)")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also write a plot (needs matplotlib)")
+    p.set_defaults(func=_accept_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from verl_mtp.explain import WRAPPER_CONFIG_NAME
 
@@ -169,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-figure", action="store_true", help="skip the PNG (no matplotlib needed)")
     demo.set_defaults(func=_demo)
     _add_ckpt_parser(sub)
+    _add_accept_eval_parser(sub)
     return parser
 
 

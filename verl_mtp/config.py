@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from verl_mtp.models.families import DEPTH_KEYS, mtp_depths
+# drafter_sync_check's choices: auto | raise | warn (+ speculation off for the next step) | off
+from verl_mtp.rollout.drafter_sync import DRAFTER_SYNC_CHECKS
 
 # verl's own class; after the plugin is active, verl.workers.config.MtpConfig names the subclass below.
 from verl.workers.config.model import MtpConfig as VerlMtpConfig
@@ -84,6 +86,32 @@ class ExtendedMtpConfig(VerlMtpConfig):
         mtp_logits_chunk_tokens: an MTP depth builds its vocabulary-sized logits this many tokens
             at a time (forward and backward: chunks are rebuilt in backward instead of saved);
             0 = the whole micro-batch at once.
+    Checkpoints:
+        mtp_allow_fresh_head_on_resume: loading a checkpoint saved without MTP into an MTP run
+            fails unless this is True; then the MTP head keeps its fresh initialisation (logged)
+            and the optimizer must not be loaded (verl_mtp.ckpt.mtp_manifest).
+    Rollout:
+        drafter_sync_check: after every weight sync, verify that the rollout engine's MTP drafter
+            holds the trainer's MTP weights (fingerprints, verl_mtp.rollout.drafter_sync):
+            ``auto`` (default: ``raise`` where the check can run, i.e. vLLM; elsewhere, e.g. SGLang, a
+            loud config-time warning that the drafter is not verified), ``raise``
+            (DrafterOutOfSyncError; a rollout path that cannot be checked is refused at config
+            time), ``warn`` (loud warning, metric rollout/mtp_drafter_in_sync = 0, speculation off
+            for the next step) or ``off``.
+        spec_step_metrics: log exact per-step speculative-decoding metrics summed over replicas
+            (rollout/mtp_spec_*, rollout/mtp_gen_throughput; verl_mtp.rollout.spec_metrics).
+        adaptive_speculation: let a policy measure throughput with vs without speculation and
+            decide per step whether to speculate (verl_mtp.rollout.adaptive); off by default.
+            vLLM 0.24 / SGLang 0.5.12 have no runtime switch, so there it is advisory (logged).
+        adaptive_spec_probe_interval / adaptive_spec_probe_steps: every this many steps, run
+            this many steps in the other mode to re-measure it.
+        adaptive_spec_min_gain: relative throughput gain speculation must show to be (re)enabled;
+            it is turned off below min_gain - adaptive_spec_hysteresis.
+        adaptive_spec_min_dwell_steps: no switch within this many steps of the last one.
+        adaptive_spec_window: throughput samples per mode whose median is compared.
+        spec_accept_collapse_fraction / spec_accept_collapse_window: flag (rollout/
+            mtp_accept_collapse) a step whose acceptance is below this fraction of the median of
+            the last this-many steps (the stale-drafter symptom).
     """
 
     mtp_training_mode: Optional[str] = None
@@ -99,6 +127,18 @@ class ExtendedMtpConfig(VerlMtpConfig):
     mtp_step_weight_beta: float = 1.0
     mtp_num_layers: Optional[int] = None
     mtp_logits_chunk_tokens: int = 2048
+    mtp_allow_fresh_head_on_resume: bool = False
+    drafter_sync_check: str = "auto"
+    spec_step_metrics: bool = True
+    adaptive_speculation: bool = False
+    adaptive_spec_probe_interval: int = 10
+    adaptive_spec_probe_steps: int = 1
+    adaptive_spec_min_gain: float = 0.05
+    adaptive_spec_hysteresis: float = 0.05
+    adaptive_spec_min_dwell_steps: int = 3
+    adaptive_spec_window: int = 3
+    spec_accept_collapse_fraction: float = 0.5
+    spec_accept_collapse_window: int = 8
 
     def __post_init__(self):
         self._resolve_training_mode()
@@ -147,6 +187,7 @@ class ExtendedMtpConfig(VerlMtpConfig):
         _check_choice("mtp_coef_mode", self.mtp_coef_mode, COEF_MODES)
         _check_choice("occ_on_policy_coef", self.occ_on_policy_coef, OCC_ON_POLICY_COEFS)
         _check_choice("occ_scope", self.occ_scope, OCC_SCOPES)
+        _check_choice("drafter_sync_check", self.drafter_sync_check, DRAFTER_SYNC_CHECKS)
         _check_finite("mtp_loss_scaling_factor", self.mtp_loss_scaling_factor, minimum=0.0)
         _check_finite("occ_scale", self.occ_scale, minimum=0.0, strict=True)
         _check_finite("occ_eps", self.occ_eps, minimum=0.0, strict=True)
@@ -162,9 +203,12 @@ class ExtendedMtpConfig(VerlMtpConfig):
         n = self.mtp_num_layers
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise _error("mtp_num_layers", n, "expected a positive integer, or null to use every depth")
+        if not isinstance(self.mtp_allow_fresh_head_on_resume, bool):
+            raise _error("mtp_allow_fresh_head_on_resume", self.mtp_allow_fresh_head_on_resume, "expected true or false")
         c = self.mtp_logits_chunk_tokens
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
             raise _error("mtp_logits_chunk_tokens", c, "expected an integer >= 0 (tokens per logits chunk; 0 = unchunked)")
+        self._validate_speculation_policy()
 
         if self.mtp_loss_type == "rl" and self.mtp_training_mode == "disabled":
             raise _error(
@@ -176,6 +220,29 @@ class ExtendedMtpConfig(VerlMtpConfig):
                 "mtp_coef_mode", "occ", f"OCC calibrates the RL policy loss; set mtp_loss_type=rl "
                 f"(got mtp_loss_type={self.mtp_loss_type!r}) or use mtp_coef_mode=fixed"
             )
+
+    def _validate_speculation_policy(self) -> None:
+        for key in ("spec_step_metrics", "adaptive_speculation"):
+            if not isinstance(getattr(self, key), bool):
+                raise _error(key, getattr(self, key), "expected true or false")
+        for key, minimum in (("adaptive_spec_probe_steps", 1), ("adaptive_spec_min_dwell_steps", 1),
+                             ("adaptive_spec_window", 1), ("spec_accept_collapse_window", 2)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise _error(key, v, f"expected an integer >= {minimum}")
+        p = self.adaptive_spec_probe_interval
+        if isinstance(p, bool) or not isinstance(p, int) or p <= self.adaptive_spec_probe_steps:
+            raise _error("adaptive_spec_probe_interval", p, f"expected an integer > adaptive_spec_probe_steps="
+                         f"{self.adaptive_spec_probe_steps} (steps between probes)")
+        _check_finite("adaptive_spec_min_gain", self.adaptive_spec_min_gain)
+        _check_finite("adaptive_spec_hysteresis", self.adaptive_spec_hysteresis, minimum=0.0)
+        f = self.spec_accept_collapse_fraction
+        _check_finite("spec_accept_collapse_fraction", f, minimum=0.0, strict=True)
+        if f >= 1.0:
+            raise _error("spec_accept_collapse_fraction", f, "expected 0 < fraction < 1")
+        if self.adaptive_speculation and not (self.enable and self.enable_rollout):
+            raise _error("adaptive_speculation", True, "it needs speculative rollout; set enable=True and "
+                         "enable_rollout=True, or adaptive_speculation=False")
 
     @property
     def is_training(self) -> bool:
@@ -315,10 +382,13 @@ def validate_mtp_run_config(config: Any) -> ExtendedMtpConfig:
             f"(use verl's ppo_megatron_trainer config or model_engine=megatron)"
         )
     if mtp.enable_rollout:
-        from verl_mtp.rollout.spec_args import speculative_engine_args
+        from verl_mtp.rollout.spec_args import plan_speculative_rollout
 
-        engine = _select(config, "actor_rollout_ref.rollout.name")
-        speculative_engine_args(mtp, engine, _select(config, f"actor_rollout_ref.rollout.engine_kwargs.{engine}"))
+        # The engine's speculative arguments for the model family and engine version.
+        plan_speculative_rollout(config, mtp)
+        from verl_mtp.rollout.drafter_sync import check_drafter_sync_run_config
+
+        check_drafter_sync_run_config(config, mtp)
     resolve_run_depths(config, mtp)
     _check_distillation(config, mtp)
     return mtp

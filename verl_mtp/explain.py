@@ -40,6 +40,8 @@ class MtpPlan:
     gradient_reach: Optional[list[str]]
     rollout_engine: Optional[str]
     speculative_args: dict[str, Any]
+    # The engine version the speculative arguments were checked against, and where it came from.
+    speculative_built_for: Optional[str] = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -83,7 +85,7 @@ def _coef_summary(mtp: ExtendedMtpConfig) -> dict[str, Any]:
 def build_plan(config) -> MtpPlan:
     """Validate ``config`` (raises MtpConfigError) and resolve what the run will do with MTP."""
     from verl_mtp.megatron.compat import expected_gradient_reach, megatron_core_version, mtp_api
-    from verl_mtp.rollout.spec_args import speculative_engine_args
+    from verl_mtp.rollout.spec_args import plan_speculative_rollout
 
     mtp = validate_mtp_run_config(config)
     notes: list[str] = []
@@ -126,7 +128,9 @@ def build_plan(config) -> MtpPlan:
         policy_loss_mode = str(config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla"))
 
     engine = config.actor_rollout_ref.rollout.get("name")
-    engine_kwargs = config.actor_rollout_ref.rollout.get("engine_kwargs", {}).get(engine, {}) if engine else {}
+    spec = plan_speculative_rollout(config, mtp)
+    if spec is not None:
+        notes += [f"speculative rollout: {n}" for n in spec.notes]
     return MtpPlan(
         enabled=mtp.enable,
         regime=mtp.mtp_training_mode,
@@ -143,7 +147,8 @@ def build_plan(config) -> MtpPlan:
         mtp_api=api,
         gradient_reach=list(reach) if reach is not None else None,
         rollout_engine=engine,
-        speculative_args=speculative_engine_args(mtp, engine, engine_kwargs),
+        speculative_args=spec.args if spec is not None else {},
+        speculative_built_for=spec.built_for if spec is not None else None,
         notes=notes,
     )
 
@@ -174,6 +179,8 @@ def render_plan(plan: MtpPlan) -> str:
         f"  MTP gradient to   {reach}   [{mcore}]",
         f"  rollout           {plan.rollout_engine}; speculative decoding: {spec}",
     ]
+    if plan.speculative_built_for:
+        lines.append(f"  engine args for   {plan.speculative_built_for}")
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines) + "\n"
 

@@ -57,13 +57,45 @@ class MtpPolicyLoss:
         # lambdas fixed for the mini-batch being trained.
         self._occ_pending: dict[int, torch.Tensor] = {}
         self._occ_frozen: dict[int, list[float]] = {}
+        # OCC state read from a checkpoint before the first OCC step builds the coefficients.
+        self._occ_restore: Optional[list[dict]] = None
 
     def occ_coefficients(self, config: Any, mtp, depths: int) -> list[OccCoefficient]:
         coefs = self._occ.get(id(config))
         if coefs is None or len(coefs) != depths:
             coefs = [OccCoefficient.from_config(mtp) for _ in range(depths)]
+            if self._occ_restore is not None:
+                if len(self._occ_restore) != depths:
+                    raise MtpLossError(
+                        f"the checkpoint's OCC state covers {len(self._occ_restore)} MTP depth(s), this run has {depths}"
+                    )
+                for coef, state in zip(coefs, self._occ_restore):
+                    coef.load_state_dict(state)
+                self._occ_restore = None
             self._occ[id(config)] = coefs
         return coefs
+
+    # --- checkpointing (verl_mtp.ckpt.mtp_manifest) ------------------------------------------
+
+    def occ_state_dict(self) -> Optional[list[dict]]:
+        """Per-depth OCC state of this worker's actor, or None before OCC first ran."""
+        if not self._occ:
+            return self._occ_restore  # restored but not used yet: still the state to carry on
+        if len(self._occ) > 1:
+            raise MtpLossError(f"{len(self._occ)} actor configs hold OCC state; a checkpoint can carry one")
+        return [coef.state_dict() for coef in next(iter(self._occ.values()))]
+
+    def load_occ_state_dict(self, state: list[dict]) -> None:
+        """Resume OCC from ``state`` (applied now, or when the first OCC step builds its coefficients)."""
+        if len(self._occ) > 1:
+            raise MtpLossError(f"{len(self._occ)} actor configs hold OCC state; a checkpoint can carry one")
+        for coefs in self._occ.values():
+            if len(coefs) != len(state):
+                raise MtpLossError(f"the checkpoint's OCC state covers {len(state)} MTP depth(s), this run has {len(coefs)}")
+            for coef, one in zip(coefs, state):
+                coef.load_state_dict(one)
+            return
+        self._occ_restore = [dict(one) for one in state]
 
     def __call__(self, config, model_output, data, dp_group=None):
         loss, metrics = self.stock_loss(config, model_output, data, dp_group)

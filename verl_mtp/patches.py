@@ -10,6 +10,7 @@ Patches on modules that import heavy dependencies (megatron-core) are deferred w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import inspect
@@ -269,6 +270,17 @@ def _replace(owner: Any, attr: str, new: Any, restore: list) -> None:
     setattr(owner, attr, new)
 
 
+_ABSENT = object()  # restore marker: the attribute did not exist before the patch
+
+
+def _add(owner: Any, attr: str, new: Any, restore: list) -> None:
+    """Add a new attribute (undo deletes it); refuses to shadow an existing one."""
+    if hasattr(owner, attr):
+        raise PatchError(f"{getattr(owner, '__qualname__', owner)}.{attr} already exists")
+    restore.append((owner, attr, _ABSENT))
+    setattr(owner, attr, new)
+
+
 def deferred_patch(name: str, description: str, targets: dict[str, Callable[[Any, list], None]]) -> Patch:
     """A Patch whose work runs when each module in ``targets`` is imported.
 
@@ -288,7 +300,10 @@ def deferred_patch(name: str, description: str, targets: dict[str, Callable[[Any
         for module_name, hook in saved["hooks"].items():
             cancel_when_imported(module_name, hook)
         for owner, attr, original in reversed(saved["restore"]):
-            setattr(owner, attr, original)
+            if original is _ABSENT:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
 
     return Patch(name=name, description=description, apply_fn=apply_fn, undo_fn=undo_fn)
 
@@ -451,6 +466,396 @@ OCC_MINI_BATCH_PREPASS = deferred_patch(
 )
 
 
+# --- patch 7: MTP-aware Megatron checkpoints (manifest on save, checks on load) ---------------
+# verl's trainer.checkpoint_callback_class runs on the driver after the save, so it can neither
+# stop an incomplete save from being marked complete nor check a load; these wrap the manager.
+
+
+def _check_params(owner: type, method: str, expected: list[str], keyword_only: bool = False) -> Callable:
+    function = getattr(owner, method, None)
+    if function is None:
+        raise PatchError(f"{owner.__module__}.{owner.__qualname__}.{method} is missing")
+    params = inspect.signature(function).parameters
+    names = [n for n, p in params.items() if (p.kind == p.KEYWORD_ONLY) == keyword_only and n != "self"]
+    if names[: len(expected)] != expected:
+        raise PatchError(f"{owner.__qualname__}.{method}({', '.join(params)}) is not the expected ({', '.join(expected)}, ...)")
+    return function
+
+
+def _mtp_manager_save(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
+        from verl_mtp.ckpt.mtp_manifest import prepare_mtp_save
+
+        prepare_mtp_save(self, local_path, global_step)
+        return original(self, local_path, hdfs_path=hdfs_path, global_step=global_step, max_ckpt_to_keep=max_ckpt_to_keep)
+
+    save_checkpoint.__verl_mtp_original__ = original
+    return save_checkpoint
+
+
+def _mtp_manager_finalize(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def _finalize_save(self, **kwargs):
+        from verl_mtp.ckpt.mtp_manifest import commit_mtp_manifest
+
+        commit_mtp_manifest(self, kwargs["local_path"])  # before verl's ckpt_contents.json marks it complete
+        return original(self, **kwargs)
+
+    _finalize_save.__verl_mtp_original__ = original
+    return _finalize_save
+
+
+def _mtp_manager_load(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
+        from verl_mtp.ckpt.mtp_manifest import check_mtp_resume, finish_mtp_resume, fresh_head_load
+
+        plan = check_mtp_resume(self, local_path)
+        with fresh_head_load(self) if plan.fresh_head else contextlib.nullcontext():
+            result = original(self, local_path, hdfs_path=hdfs_path, del_local_after_load=del_local_after_load)
+        finish_mtp_resume(self, plan)
+        return result
+
+    load_checkpoint.__verl_mtp_original__ = original
+    return load_checkpoint
+
+
+def _patch_checkpoint_manager(module: Any, restore: list) -> None:
+    manager = _require(module, "MegatronCheckpointManager")
+    save = _check_params(manager, "save_checkpoint", ["local_path", "hdfs_path", "global_step", "max_ckpt_to_keep"])
+    load = _check_params(manager, "load_checkpoint", ["local_path", "hdfs_path", "del_local_after_load"])
+    finalize = _check_params(manager, "_finalize_save", ["local_path"], keyword_only=True)
+    for attr in ("_build_model_sharded_state_dict", "_build_sharded_state_dict_metadata", "should_save_dist_ckpt_model"):
+        _require(manager, attr)
+    _replace(manager, "save_checkpoint", _mtp_manager_save(save), restore)
+    _replace(manager, "_finalize_save", _mtp_manager_finalize(finalize), restore)
+    _replace(manager, "load_checkpoint", _mtp_manager_load(load), restore)
+
+
+def _engine_attaches_mtp_config(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        from verl_mtp.ckpt.mtp_manifest import MTP_CONFIG_ATTR
+
+        manager = getattr(self, "checkpoint_mananager", None)  # sic: verl's attribute name
+        if manager is not None:
+            setattr(manager, MTP_CONFIG_ATTR, self.model_config.mtp)
+        return original(self, *args, **kwargs)
+
+    method.__verl_mtp_original__ = original
+    return method
+
+
+def _patch_engine_checkpoint(module: Any, restore: list) -> None:
+    engine_cls = _require(module, "MegatronEngine")
+    for name in ("save_checkpoint", "load_checkpoint"):
+        _replace(engine_cls, name, _engine_attaches_mtp_config(_check_params(engine_cls, name, ["local_path"])), restore)
+
+
+MTP_CHECKPOINT = deferred_patch(
+    "mtp_checkpoint",
+    "Megatron checkpoints carry mtp_manifest.json (MTP tensors, regime, OCC state) and refuse to claim a "
+    "save complete, or to load, when MTP tensors are missing or mis-shaped",
+    {
+        "verl.utils.checkpoint.megatron_checkpoint_manager": _patch_checkpoint_manager,
+        "verl.workers.engine.megatron.transformer_impl": _patch_engine_checkpoint,
+    },
+)
+
+
+# --- patch: the MTP drafter is verified after every weight sync (vLLM) ---------------------------
+
+
+def _drafter_checked_update_weights(original: Callable) -> Callable:
+    @functools.wraps(original)
+    async def update_weights(self, weights, global_steps=None, wire_format="named_tensors", **kwargs):
+        from verl_mtp.rollout.drafter_sync import vllm_adapter_update_weights
+
+        return await vllm_adapter_update_weights(
+            original, self, weights, global_steps=global_steps, wire_format=wire_format, **kwargs
+        )
+
+    update_weights.__verl_mtp_original__ = original
+    return update_weights
+
+
+def _patch_vllm_server_adapter(module: Any, restore: list) -> None:
+    adapter = _require(module, "ServerAdapter")
+    original = getattr(adapter, "update_weights", None)
+    params = list(inspect.signature(original).parameters) if callable(original) else []
+    if params[:4] != ["self", "weights", "global_steps", "wire_format"] or not inspect.iscoroutinefunction(
+        getattr(adapter, "_execute_method", None)
+    ):
+        raise PatchError(
+            "vllm_rollout.ServerAdapter.update_weights(self, weights, global_steps, wire_format, **kwargs) and "
+            f"async _execute_method not found (update_weights parameters: {params})"
+        )
+    _replace(adapter, "update_weights", _drafter_checked_update_weights(original), restore)
+
+
+def _recording_update_weights_from_ipc(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def update_weights_from_ipc(self, *args, **kwargs):
+        from verl_mtp.rollout.drafter_sync import vllm_worker_begin_sync, vllm_worker_end_sync
+
+        vllm_worker_begin_sync(self)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            vllm_worker_end_sync(self)
+
+    update_weights_from_ipc.__verl_mtp_original__ = original
+    return update_weights_from_ipc
+
+
+def _drafter_sync_report(self):
+    from verl_mtp.rollout.drafter_sync import vllm_worker_drafter_report
+
+    return vllm_worker_drafter_report(self)
+
+
+def _patch_vllm_worker_extension(module: Any, restore: list) -> None:
+    from verl_mtp.rollout.drafter_sync import VLLM_REPORT_METHOD
+
+    extension = _require(module, "vLLMColocateWorkerExtension")
+    original = getattr(extension, "update_weights_from_ipc", None)
+    # The recorder finds the drafter where verl's own helper does (model_runner.drafter.model).
+    if not callable(original) or not callable(getattr(extension, "_get_drafter_model", None)):
+        raise PatchError("vLLMColocateWorkerExtension.update_weights_from_ipc / _get_drafter_model not found")
+    _replace(extension, "update_weights_from_ipc", _recording_update_weights_from_ipc(original), restore)
+    # collective_rpc by method name: vLLM serialises a function argument only with
+    # VLLM_ALLOW_INSECURE_SERIALIZATION on some versions, a name always works.
+    _add(extension, VLLM_REPORT_METHOD, _drafter_sync_report, restore)
+
+
+def _collective_rpc_body_kind_of_source(source: str) -> str:
+    """'discards' when the method is one ``await self.engine.collective_rpc(...)`` statement,
+    'returns' when it already returns that call, else 'unknown'."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(source))
+    body = [n for n in tree.body[0].body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    if len(body) != 1 or not isinstance(body[0], (ast.Expr, ast.Return)):
+        return "unknown"
+    call = getattr(body[0].value, "value", None)  # Await(...).value
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "collective_rpc"):
+        return "unknown"
+    return "returns" if isinstance(body[0], ast.Return) else "discards"
+
+
+async def _returning_collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+    return await self.engine.collective_rpc(method=method, timeout=timeout, args=args, kwargs=kwargs)
+
+
+def _patch_vllm_http_server(module: Any, restore: list) -> None:
+    # verl 0.9.1's vLLMHttpServer.collective_rpc awaits the engine's call and drops the workers'
+    # results; the drafter check needs them back.
+    server = _require(module, "vLLMHttpServer")
+    original = getattr(server, "collective_rpc", None)
+    params = list(inspect.signature(original).parameters) if callable(original) else []
+    if params != ["self", "method", "timeout", "args", "kwargs"]:
+        raise PatchError(f"vLLMHttpServer.collective_rpc(self, method, timeout, args, kwargs) not found (got {params})")
+    kind = _collective_rpc_body_kind_of_source(inspect.getsource(original))
+    if kind == "returns":
+        return
+    if kind != "discards":
+        raise PatchError("vLLMHttpServer.collective_rpc is no longer a single `await self.engine.collective_rpc(...)`")
+    _returning_collective_rpc.__verl_mtp_original__ = original
+    _replace(server, "collective_rpc", _returning_collective_rpc, restore)
+
+
+DRAFTER_SYNC_CHECK = deferred_patch(
+    "drafter_sync_check",
+    "after every vLLM weight sync the MTP drafter's received tensors are fingerprinted in each engine "
+    "worker and compared with the trainer's (mtp.drafter_sync_check: raise | warn | off)",
+    {
+        "verl.workers.rollout.vllm_rollout.vllm_rollout": _patch_vllm_server_adapter,
+        "verl.workers.rollout.vllm_rollout.utils": _patch_vllm_worker_extension,
+        "verl.workers.rollout.vllm_rollout.vllm_async_server": _patch_vllm_http_server,
+    },
+)
+
+
+# --- patch 9: exact per-step speculative-decoding metrics and the adaptive speculation policy ----
+# verl computes its step metrics in plain module functions that both trainers (ray_trainer.fit and
+# v1 trainer_base._compute_metrics) call once per step: compute_throughout_metrics (has the batch
+# and timing_raw["gen"]) and then compute_spec_decode_metrics (has the per-request spec counts);
+# their results are merged into the logged dict. LLMServerManager knows the replicas' addresses.
+
+
+def _spec_throughput_metrics(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def compute_throughout_metrics(batch, timing_raw, *args, **kwargs):
+        from verl_mtp.rollout.spec_control import record_generation
+
+        result = original(batch, timing_raw, *args, **kwargs)
+        record_generation(batch, timing_raw)
+        return result
+
+    compute_throughout_metrics.__verl_mtp_original__ = original
+    return compute_throughout_metrics
+
+
+def _spec_step_metrics(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def compute_spec_decode_metrics(spec_drafts, spec_accepts, spec_verifies, non_padding_mask=None):
+        from verl_mtp.rollout.spec_control import step_metrics_from_verl
+
+        result = dict(original(spec_drafts, spec_accepts, spec_verifies, non_padding_mask))
+        result.update(step_metrics_from_verl(spec_drafts, spec_accepts, spec_verifies, non_padding_mask))
+        return result
+
+    compute_spec_decode_metrics.__verl_mtp_original__ = original
+    return compute_spec_decode_metrics
+
+
+def _patch_trainer_metrics(module: Any, restore: list) -> None:
+    throughput = _require(module, "compute_throughout_metrics")
+    spec = _require(module, "compute_spec_decode_metrics")
+    if list(inspect.signature(spec).parameters)[:3] != ["spec_drafts", "spec_accepts", "spec_verifies"]:
+        raise PatchError(f"{module.__name__}.compute_spec_decode_metrics(spec_drafts, spec_accepts, spec_verifies, ...) not found")
+    if list(inspect.signature(throughput).parameters)[:2] != ["batch", "timing_raw"]:
+        raise PatchError(f"{module.__name__}.compute_throughout_metrics(batch, timing_raw, ...) not found")
+    _replace(module, "compute_throughout_metrics", _spec_throughput_metrics(throughput), restore)
+    _replace(module, "compute_spec_decode_metrics", _spec_step_metrics(spec), restore)
+
+
+def _spec_register_servers(original: Callable) -> Callable:
+    @functools.wraps(original)
+    async def _init_global_load_balancer(self, *args, **kwargs):
+        from verl_mtp.rollout.spec_control import register_server_manager
+
+        result = await original(self, *args, **kwargs)
+        register_server_manager(self)
+        return result
+
+    _init_global_load_balancer.__verl_mtp_original__ = original
+    return _init_global_load_balancer
+
+
+def _patch_server_manager(module: Any, restore: list) -> None:
+    manager = _require(module, "LLMServerManager")
+    original = getattr(manager, "_init_global_load_balancer", None)
+    if original is None or not inspect.iscoroutinefunction(original):
+        raise PatchError("LLMServerManager._init_global_load_balancer (async) not found")
+    _replace(manager, "_init_global_load_balancer", _spec_register_servers(original), restore)
+
+
+SPEC_STEP_METRICS = deferred_patch(
+    "spec_step_metrics",
+    "per-step speculative-decoding metrics summed exactly over rollout replicas (rollout/mtp_spec_*, "
+    "rollout/mtp_gen_throughput), the acceptance-collapse watch and the adaptive speculation policy",
+    {
+        "verl.trainer.ppo.ray_trainer": _patch_trainer_metrics,
+        "verl.trainer.ppo.v1.trainer_base": _patch_trainer_metrics,
+        "verl.workers.rollout.llm_server": _patch_server_manager,
+    },
+)
+
+
+# --- patch: corrected mbridge bridges and MTP-complete HF exports (vanilla mbridge / Megatron-Bridge)
+
+
+class _RegistryEntries:
+    """Attribute view of mbridge's model registry dict, so ``_replace`` (and undo) can swap
+    entries in place: ``mbridge.core.auto_bridge`` holds a reference to the same dict."""
+
+    def __init__(self, registry: dict):
+        object.__setattr__(self, "_registry", registry)
+
+    def __getattr__(self, model_type: str):
+        return self._registry.get(model_type)
+
+    def __setattr__(self, model_type: str, cls: Any) -> None:
+        if cls is None:
+            self._registry.pop(model_type, None)
+        else:
+            self._registry[model_type] = cls
+
+
+def _patch_mbridge_registry(module: Any, restore: list) -> None:
+    from mbridge.core import bridge as mbridge_core
+
+    from verl_mtp.models.bridges import REGISTERED_MODEL_TYPES, bridge_classes
+
+    registry = getattr(mbridge_core, "_MODEL_REGISTRY", None)
+    if not isinstance(registry, dict) or not callable(getattr(mbridge_core, "register_model", None)):
+        raise PatchError("mbridge.core.bridge._MODEL_REGISTRY / register_model not found")
+    entries = _RegistryEntries(registry)
+    for model_type, key in REGISTERED_MODEL_TYPES.items():
+        new = bridge_classes()[key]
+        if registry.get(model_type) is not new:
+            _replace(entries, model_type, new, restore)
+
+
+def _checked_per_tensor_param(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_per_tensor_param(self, *args, **kwargs):
+        from verl_mtp.models.export_check import checked_export
+
+        per_tensor_param, peft_config = original(self, *args, **kwargs)
+        # LoRA adapter streams and QAT-quantised streams carry other tensors than the HF model.
+        if getattr(self, "peft_cls", None) is None and not getattr(self, "_qat_enabled", False):
+            per_tensor_param = checked_export(
+                per_tensor_param, self.module, self.bridge, self.model_config.hf_config,
+                where="weight sync to the rollout engine",
+            )
+        return per_tensor_param, peft_config
+
+    get_per_tensor_param.__verl_mtp_original__ = original
+    return get_per_tensor_param
+
+
+def _patch_engine_weight_export(module: Any, restore: list) -> None:
+    engine_cls = _require(module, "MegatronEngine")
+    original = _check_params(engine_cls, "get_per_tensor_param", ["base_sync_done"])
+    _replace(engine_cls, "get_per_tensor_param", _checked_per_tensor_param(original), restore)
+
+
+def _checked_hf_save(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def _save_model_as_hf_via_bridge(self, hf_ckpt_path, *args, **kwargs):
+        from verl_mtp.models.export_check import check_saved_hf_dir, model_mtp_depths, write_config_depths
+
+        result = original(self, hf_ckpt_path, *args, **kwargs)
+        if _torch_rank() == 0 and getattr(self, "peft_cls", None) is None:
+            # config.json declares the depths the model has (verl writes its HF config object,
+            # whose count can differ: mtp.mtp_num_layers override), then the files are checked.
+            write_config_depths(hf_ckpt_path, model_mtp_depths(self.model))
+            check_saved_hf_dir(hf_ckpt_path, self.model, self.bridge, self.hf_config)
+        return result
+
+    _save_model_as_hf_via_bridge.__verl_mtp_original__ = original
+    return _save_model_as_hf_via_bridge
+
+
+def _torch_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _patch_manager_hf_save(module: Any, restore: list) -> None:
+    manager = _require(module, "MegatronCheckpointManager")
+    original = _check_params(manager, "_save_model_as_hf_via_bridge", ["hf_ckpt_path"])
+    _replace(manager, "_save_model_as_hf_via_bridge", _checked_hf_save(original), restore)
+
+
+MTP_COMPLETE_EXPORT = deferred_patch(
+    "mtp_complete_export",
+    "mbridge gets verl-mtp's MTP-complete bridges (MiMo half swap, DeepSeek-V3 any depth, GLM-4.5 MTP block); "
+    "every HF export (rollout weight sync, model/huggingface) is checked to carry every MTP tensor, and "
+    "config.json declares the model's MTP depths",
+    {
+        "mbridge": _patch_mbridge_registry,
+        "verl.workers.engine.megatron.transformer_impl": _patch_engine_weight_export,
+        "verl.utils.checkpoint.megatron_checkpoint_manager": _patch_manager_hf_save,
+    },
+)
+
+
 ALL_PATCHES = (
     EXTENDED_MTP_CONFIG,
     DRIVER_VALIDATION,
@@ -458,4 +863,8 @@ ALL_PATCHES = (
     MTP_FORWARD,
     MTP_POLICY_LOSS,
     OCC_MINI_BATCH_PREPASS,
+    MTP_CHECKPOINT,
+    DRAFTER_SYNC_CHECK,
+    SPEC_STEP_METRICS,
+    MTP_COMPLETE_EXPORT,
 )

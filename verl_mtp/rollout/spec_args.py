@@ -1,44 +1,702 @@
-"""The speculative-decoding arguments the rollout engine receives for MTP.
+"""The speculative-decoding arguments the rollout engine receives for MTP, checked per model family
+and engine version before a run starts.
 
-Mirrors what verl 0.9.1's vLLM and SGLang servers pass (``build_mtp_speculative_config`` in
-``verl/workers/rollout/vllm_rollout/utils.py`` imports vllm, so it cannot be called where vllm is
-absent). ``verl-mtp explain`` prints these so users see the engine arguments before a run.
+verl 0.9.1 passes ``actor_rollout_ref.model.mtp``'s values to the engine unchanged:
+
+- vLLM (``vllm_async_server.py``): ``speculative_config = {"method": mtp.method,
+  "num_speculative_tokens": mtp.num_speculative_tokens, **rollout.engine_kwargs.vllm.speculative_config}``
+  (non-null engine_kwargs entries win).
+- SGLang (``async_sglang_server.py``): ``speculative_algorithm / _num_steps / _eagle_topk /
+  _num_draft_tokens`` from ``mtp.*``, written *over* ``rollout.engine_kwargs.sglang``, plus
+  ``enable_weights_cpu_backup=True`` and ``enable_draft_weights_cpu_backup=True``.
+
+So the arguments below are exactly what verl will send; what this module adds is the knowledge of
+which values the engine accepts for the model's family at the engine's version, and which
+combinations silently lose the drafter. Everything it rejects fails here, in the driver, with the
+key, the value and the valid choices, instead of deep inside an engine process on the GPUs.
+
+Facts (read from the engines' released wheels; ``ENGINE_FACTS`` below cites each):
+
+- vLLM >= 0.11.0 names every MTP drafter ``mtp``; the per-family names (``deepseek_mtp``,
+  ``mimo_mtp``, ``glm4_moe_mtp``, ``qwen3_next_mtp``, ``qwen3_5_mtp``) are deprecated aliases that
+  ``SpeculativeConfig.__post_init__`` rewrites to ``mtp``. Before 0.11.0 there was no ``mtp``: the
+  method ended up ``deepseek_mtp`` (DeepSeek-V3, MiMo, GLM-4.5) or ``qwen3_next_mtp``.
+- vLLM's generic drafter (v1 ``llm_base_proposer``) calls the MTP model without ``spec_step_idx``,
+  so every draft position uses the first MTP layer: ``num_speculative_tokens`` = K means that layer
+  runs K times. Its only bound besides K >= 1: when the config declares D > 1 layers under the key
+  vLLM reads (``n_predict``) and K > D, K must be a multiple of D.
+- SGLang (>= 0.5.6) drafts with EAGLE; ``NEXTN`` is an alias it rewrites to ``EAGLE``. The MTP
+  draft model is one layer (``num_nextn_predict_layers`` is forced to 1 for Qwen), reused for
+  ``speculative_num_steps`` steps. With ``speculative_eagle_topk`` = 1 the engine verifies a chain
+  of ``steps + 1`` tokens (it overwrites any other ``speculative_num_draft_tokens``); with top-k
+  k > 1 it picks ``num_draft_tokens - 1`` of the ``k + (steps - 1) * k**2`` tree candidates.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import json
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Mapping, Optional
+
+from packaging.version import Version
 
 SPECULATIVE_ENGINES = ("vllm", "sglang")
 
+# The engine versions verl 0.9.1 installs with its [vllm] / [sglang] extras. The arguments are
+# built for these when the engine is not installed where the config is checked (the driver).
+PINNED_ENGINE_VERSIONS = {"vllm": "0.24.0", "sglang": "0.5.12"}
 
-def speculative_engine_args(mtp: Any, engine: str, engine_kwargs: Mapping | None = None) -> dict[str, Any]:
-    """Engine arguments for MTP speculative rollout; ``{}`` when it is off."""
+ROLLOUT_KEY = "actor_rollout_ref.rollout"
+MTP_KEY = "actor_rollout_ref.model.mtp"
+
+# vLLM: the first version whose SpeculativeConfig has the generic "mtp" method and rewrites the
+# family names to it. verl 0.9.1 loads actor weights into the drafter only when the engine's method
+# is exactly "mtp" (vLLMColocateWorkerExtension._use_mtp_drafter_weight_sync), so before this
+# version the drafter would keep its load-time (dummy or base) weights for the whole run.
+VLLM_GENERIC_MTP_SINCE = "0.11.0"
+
+# SGLang: verl 0.9.1 refuses MTP rollout below this version (async_sglang_server.py); it has
+# enable_draft_weights_cpu_backup, which verl turns on to keep the drafter across sleep.
+SGLANG_MTP_SINCE = "0.5.6"
+SGLANG_MTP_ALGORITHMS = ("EAGLE", "NEXTN")  # NEXTN is SGLang's alias of EAGLE
+SGLANG_TREE_BACKENDS = ("flashinfer", "fa3")  # the only paged backends SGLang allows top-k > 1 with
+# Hybrid (Gated DeltaNet) models: up to 0.5.9 SGLang turned its radix cache off by itself for
+# speculative decoding; from 0.5.10 ServerArgs raises instead, unless the radix cache is off
+# (disable_radix_cache) or the mamba state uses mamba_scheduler_strategy=extra_buffer (which also
+# needs SGLANG_ENABLE_SPEC_V2=1 and mamba_track_interval >= speculative_num_draft_tokens).
+# verl 0.9.1 sets neither, so without engine_kwargs the engine does not start.
+SGLANG_HYBRID_SPEC_STRICT_SINCE = "0.5.10"
+
+# verl 0.9.1's default SGLang attention backend when engine_kwargs.sglang sets none.
+def _verl_default_sglang_backend(version: Version) -> str:
+    return "flashinfer" if version >= Version("0.5.12") else "fa3"
+
+
+@dataclass(frozen=True)
+class FamilyEngineFacts:
+    """What each engine supports for one model family (``verl_mtp.models`` family name).
+
+    vllm_alias: the family's own vLLM method name; vllm_alias_since: first vLLM accepting it.
+    vllm_since: first vLLM that builds this family's MTP drafter (oldest checked release when the
+        support is older than every release checked).
+    vllm_targets: the top-level ``model_type`` or first architecture vLLM turns into this MTP
+        drafter (``SpeculativeConfig.hf_config_override``); any other config of the family (e.g. a
+        text-only Qwen3.5 ``qwen3_5_text``) gets no drafter and vLLM fails at start-up.
+    vllm_n_predict_key: the top-level config key vLLM reads the head's layer count (``n_predict``)
+        from, which turns on its divisibility rule. Qwen3-Next's is ``num_nextn_predict_layers``,
+        which its configs lack, and multimodal Qwen3.5 configs keep ``mtp_num_hidden_layers`` under
+        ``text_config``: no rule applies to those.
+    sglang_draft_archs: target architecture -> SGLang's MTP draft architecture
+        (``ModelConfig._config_draft_model``); sglang_since: first SGLang that has them.
+    sglang_hybrid_cache: a hybrid linear-attention (Gated DeltaNet) model, whose state SGLang
+        caches with its mamba radix cache; see ``SGLANG_HYBRID_SPEC_STRICT_SINCE``.
+    """
+
+    family: str
+    vllm_alias: str
+    vllm_alias_since: str
+    vllm_since: str
+    vllm_targets: tuple[str, ...]
+    vllm_n_predict_key: str
+    sglang_draft_archs: Mapping[str, str]
+    sglang_since: str
+    sglang_hybrid_cache: bool = False
+
+
+# Versions read from the released wheels: vllm 0.9.2, 0.10.0, 0.10.1.1, 0.10.2, 0.11.0, 0.11.2,
+# 0.12.0, 0.14.0, 0.15.0, 0.16.0, 0.17.0, 0.20.0, 0.24.0 (vllm/config[/speculative].py) and sglang
+# 0.5.6, 0.5.7, 0.5.8, 0.5.9, 0.5.12 (sglang/srt/configs/model_config.py, server_args.py).
+ENGINE_FACTS: dict[str, FamilyEngineFacts] = {
+    f.family: f
+    for f in (
+        FamilyEngineFacts(
+            family="mimo",
+            vllm_alias="mimo_mtp", vllm_alias_since="0.11.0", vllm_since="0.9.2",
+            vllm_targets=("MiMoForCausalLM",), vllm_n_predict_key="num_nextn_predict_layers",
+            sglang_draft_archs={"MiMoForCausalLM": "MiMoMTP"}, sglang_since="0.5.6",
+        ),
+        FamilyEngineFacts(
+            family="deepseek_v3",
+            vllm_alias="deepseek_mtp", vllm_alias_since="0.9.2", vllm_since="0.9.2",
+            vllm_targets=("deepseek_v3",), vllm_n_predict_key="num_nextn_predict_layers",
+            sglang_draft_archs={"DeepseekV3ForCausalLM": "DeepseekV3ForCausalLMNextN"}, sglang_since="0.5.6",
+        ),
+        FamilyEngineFacts(
+            family="glm4_moe",
+            vllm_alias="glm4_moe_mtp", vllm_alias_since="0.11.0", vllm_since="0.10.0",
+            vllm_targets=("Glm4MoeForCausalLM",), vllm_n_predict_key="num_nextn_predict_layers",
+            sglang_draft_archs={"Glm4MoeForCausalLM": "Glm4MoeForCausalLMNextN"}, sglang_since="0.5.6",
+        ),
+        FamilyEngineFacts(
+            family="qwen3_next",
+            vllm_alias="qwen3_next_mtp", vllm_alias_since="0.10.2", vllm_since="0.10.2",
+            vllm_targets=("qwen3_next",), vllm_n_predict_key="num_nextn_predict_layers",
+            sglang_draft_archs={"Qwen3NextForCausalLM": "Qwen3NextForCausalLMMTP"}, sglang_since="0.5.6",
+            sglang_hybrid_cache=True,
+        ),
+        FamilyEngineFacts(
+            # Both engines draft only for the multimodal Qwen3.5 configs, not for qwen3_5_text ones.
+            family="qwen3_5",
+            vllm_alias="qwen3_5_mtp", vllm_alias_since="0.17.0", vllm_since="0.17.0",
+            vllm_targets=("qwen3_5", "qwen3_5_moe"), vllm_n_predict_key="mtp_num_hidden_layers",
+            sglang_draft_archs={
+                "Qwen3_5ForConditionalGeneration": "Qwen3_5ForCausalLMMTP",
+                "Qwen3_5MoeForConditionalGeneration": "Qwen3_5ForCausalLMMTP",
+            },
+            sglang_since="0.5.9",
+            sglang_hybrid_cache=True,
+        ),
+    )
+}
+
+
+def _fail(key: str, value: Any, expected: str):
+    # Imported here: verl_mtp.config imports this module.
     from verl_mtp.config import MtpConfigError
 
+    raise MtpConfigError(f"{key}={value!r} is invalid: {expected}")
+
+
+# --- engine version -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineVersion:
+    engine: str
+    version: str
+    installed: bool
+
+    @property
+    def parsed(self) -> Version:
+        return Version(self.version)
+
+    def at_least(self, version: str) -> bool:
+        return self.parsed >= Version(version)
+
+    def describe(self) -> str:
+        if self.installed:
+            return f"{self.engine} {self.version} (installed here)"
+        return (
+            f"{self.engine} {self.version} (not installed here; the version verl 0.9.1's [{self.engine}] extra pins)"
+        )
+
+
+def detect_engine_version(engine: str) -> EngineVersion:
+    """The installed engine's version (package metadata: no import, no GPU), else the pinned one."""
+    try:
+        return EngineVersion(engine, metadata.version(engine), installed=True)
+    except metadata.PackageNotFoundError:
+        return EngineVersion(engine, PINNED_ENGINE_VERSIONS[engine], installed=False)
+
+
+# --- the result -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpeculativePlan:
+    """What the rollout engine will receive for MTP speculative decoding, and why.
+
+    args: the engine arguments verl will pass (vLLM: ``{"speculative_config": {...}}``; SGLang: the
+        server arguments). family: ``verl_mtp.models`` family name, None when the checkpoint's
+        config.json is not readable here. notes: facts the user should know (reused layers,
+        what happens to the drafter on sleep, aliases).
+    """
+
+    engine: str
+    version: EngineVersion
+    family: Optional[str]
+    depths: Optional[int]
+    args: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def built_for(self) -> str:
+        return self.version.describe()
+
+
+@dataclass(frozen=True)
+class _Rollout:
+    """The parts of the run config the checks read."""
+
+    engine: str
+    engine_kwargs: Mapping[str, Any]
+    model_path: Optional[str]
+    hf_config: Optional[dict]
+    free_cache_engine: bool
+    checkpoint_backend: str
+    max_num_seqs: Optional[int]
+
+
+def _plain(value: Any) -> Any:
+    # OmegaConf nodes -> plain containers, so values compare and print like the user wrote them.
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with verl
+        pass
+    return value
+
+
+def _read_rollout(config: Any) -> _Rollout:
+    from verl_mtp.config import _select, read_local_hf_config
+
+    engine = _select(config, f"{ROLLOUT_KEY}.name")
+    model_path = _select(config, "actor_rollout_ref.model.hf_config_path") or _select(
+        config, "actor_rollout_ref.model.path"
+    )
+    kwargs = _plain(_select(config, f"{ROLLOUT_KEY}.engine_kwargs.{engine}", {})) if engine else {}
+    return _Rollout(
+        engine=engine,
+        engine_kwargs=dict(kwargs or {}),
+        model_path=str(model_path) if model_path else None,
+        hf_config=read_local_hf_config(model_path) if model_path else None,
+        free_cache_engine=bool(_select(config, f"{ROLLOUT_KEY}.free_cache_engine", True)),
+        checkpoint_backend=str(_select(config, f"{ROLLOUT_KEY}.checkpoint_engine.backend", "naive")),
+        max_num_seqs=_select(config, f"{ROLLOUT_KEY}.max_num_seqs"),
+    )
+
+
+# --- entry points -----------------------------------------------------------------------------------
+
+
+def plan_speculative_rollout(
+    config: Any, mtp: Any, version: Optional[EngineVersion] = None
+) -> Optional[SpeculativePlan]:
+    """Check and build the engine's speculative arguments for a full run config; None when MTP
+    speculative rollout is off. ``version`` overrides the detected engine version (tests)."""
+    if not (mtp.enable and mtp.enable_rollout):
+        return None
+    rollout = _read_rollout(config)
+    return _plan(mtp, rollout, version)
+
+
+def speculative_engine_args(
+    mtp: Any, engine: str, engine_kwargs: Mapping | None = None, hf_config: Optional[dict] = None
+) -> dict[str, Any]:
+    """Only the engine arguments (``{}`` when off), for callers without a full run config."""
     if not (mtp.enable and mtp.enable_rollout):
         return {}
-    if engine == "vllm":
-        user = dict((engine_kwargs or {}).get("speculative_config") or {})
-        # verl lets rollout.engine_kwargs.vllm.speculative_config override and extend the MTP values.
-        return {
-            "speculative_config": {
-                "method": mtp.method,
-                "num_speculative_tokens": mtp.num_speculative_tokens,
-                **{k: v for k, v in user.items() if v is not None},
-            }
-        }
-    if engine == "sglang":
-        return {
-            "speculative_algorithm": mtp.speculative_algorithm,
-            "speculative_num_steps": mtp.speculative_num_steps,
-            "speculative_eagle_topk": mtp.speculative_eagle_topk,
-            "speculative_num_draft_tokens": mtp.speculative_num_draft_tokens,
-            # Keep the drafter's weights across sleep/wake so it does not go stale.
-            "enable_weights_cpu_backup": True,
-            "enable_draft_weights_cpu_backup": True,
-        }
-    raise MtpConfigError(
-        f"actor_rollout_ref.model.mtp.enable_rollout=True needs a rollout engine with MTP speculative decoding, "
-        f"but actor_rollout_ref.rollout.name={engine!r}; valid choices are {', '.join(SPECULATIVE_ENGINES)}"
+    rollout = _Rollout(
+        engine=engine, engine_kwargs=dict(_plain(engine_kwargs) or {}), model_path=None, hf_config=hf_config,
+        free_cache_engine=True, checkpoint_backend="naive", max_num_seqs=None,
+    )
+    return _plan(mtp, rollout, None).args
+
+
+def _plan(mtp: Any, rollout: _Rollout, version: Optional[EngineVersion]) -> SpeculativePlan:
+    if rollout.engine not in SPECULATIVE_ENGINES:
+        from verl_mtp.config import MtpConfigError
+
+        raise MtpConfigError(
+            f"{MTP_KEY}.enable_rollout=True needs a rollout engine with MTP speculative decoding, but "
+            f"{ROLLOUT_KEY}.name={rollout.engine!r}; valid choices are {', '.join(SPECULATIVE_ENGINES)}"
+        )
+    version = version or detect_engine_version(rollout.engine)
+    family, depths = _family_of(rollout.hf_config)
+    plan = SpeculativePlan(engine=rollout.engine, version=version, family=family, depths=depths, args={})
+    if rollout.hf_config is None:
+        where = rollout.model_path or "the model"
+        plan.notes.append(
+            f"model family not checked here ({where} has no readable config.json); the engine checks it at start-up"
+        )
+    elif family is None:
+        plan.notes.append(
+            f"model_type {rollout.hf_config.get('model_type')!r} is none of the MTP families verl-mtp knows; the "
+            f"generic arguments were checked, the engine checks the model at start-up"
+        )
+    if rollout.engine == "vllm":
+        _plan_vllm(mtp, rollout, plan)
+    else:
+        _plan_sglang(mtp, rollout, plan)
+    return plan
+
+
+def _family_of(hf_config: Optional[dict]) -> tuple[Optional[str], Optional[int]]:
+    if hf_config is None:
+        return None, None
+    from verl_mtp.models import UnknownFamilyError, detect_family, mtp_depths
+
+    try:
+        family = detect_family(hf_config).name
+    except UnknownFamilyError:
+        family = None
+    return family, mtp_depths(hf_config) or None
+
+
+def _check_positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(key, value, "expected an integer >= 1")
+    return value
+
+
+def _family_title(family: str) -> str:
+    from verl_mtp.models import family_by_name
+
+    return family_by_name(family).title
+
+
+# --- vLLM ---------------------------------------------------------------------------------------------
+
+
+def vllm_method_choices(version: EngineVersion, family: Optional[str]) -> tuple[str, ...]:
+    """The MTP method names vLLM ``version`` accepts for ``family`` (every family's when None):
+    ``mtp`` (from 0.11.0) and the family names it knows, which it rewrites to ``mtp``."""
+    facts = [ENGINE_FACTS[family]] if family else list(ENGINE_FACTS.values())
+    aliases = [f.vllm_alias for f in facts if version.at_least(f.vllm_alias_since)]
+    generic = ("mtp",) if version.at_least(VLLM_GENERIC_MTP_SINCE) else ()
+    return tuple(dict.fromkeys((*generic, *aliases)))
+
+
+def _vllm_builds_drafter(hf_config: dict, family: str) -> bool:
+    archs = hf_config.get("architectures") or [None]
+    targets = ENGINE_FACTS[family].vllm_targets
+    return hf_config.get("model_type") in targets or archs[0] in targets
+
+
+def _vllm_n_predict(hf_config: Optional[dict], family: Optional[str]) -> Optional[int]:
+    """The MTP layer count vLLM sees (None when it reads none: then it puts no bound on K)."""
+    if hf_config is None:
+        return None
+    key = ENGINE_FACTS[family].vllm_n_predict_key if family else "num_nextn_predict_layers"
+    value = hf_config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _vllm_user_spec(rollout: _Rollout) -> dict[str, Any]:
+    key = f"{ROLLOUT_KEY}.engine_kwargs.vllm.speculative_config"
+    spec = rollout.engine_kwargs.get("speculative_config")
+    if spec is None:
+        return {}
+    if isinstance(spec, str):  # verl accepts a JSON string too
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            _fail(key, spec, f"expected a mapping or a JSON object ({exc})")
+    if not isinstance(spec, Mapping):
+        _fail(key, spec, "expected a mapping of vLLM SpeculativeConfig fields")
+    # verl drops null entries before merging them over the MTP values.
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def _plan_vllm(mtp: Any, rollout: _Rollout, plan: SpeculativePlan) -> None:
+    version, family, depths = plan.version, plan.family, plan.depths
+    user = _vllm_user_spec(rollout)
+    user_key = f"{ROLLOUT_KEY}.engine_kwargs.vllm.speculative_config"
+    # Errors name the key the value came from: engine_kwargs win over mtp.* in verl's merge.
+    method_key = f"{user_key if 'method' in user else MTP_KEY}.method"
+    tokens_key = f"{user_key if 'num_speculative_tokens' in user else MTP_KEY}.num_speculative_tokens"
+    method = user.get("method", mtp.method)
+    tokens = user.get("num_speculative_tokens", mtp.num_speculative_tokens)
+
+    if not version.at_least(VLLM_GENERIC_MTP_SINCE):
+        _fail(
+            f"{ROLLOUT_KEY}.name", "vllm",
+            f"{version.describe()} is too old for MTP rollout under verl 0.9.1: before vLLM {VLLM_GENERIC_MTP_SINCE} "
+            f"the engine's speculative method ends up deepseek_mtp or qwen3_next_mtp, never 'mtp', and verl "
+            f"then never loads the actor's MTP weights into the drafter (it keeps its load-time weights all "
+            f"run); use vllm >= {VLLM_GENERIC_MTP_SINCE} (verl 0.9.1 pins "
+            f"{PINNED_ENGINE_VERSIONS['vllm']}) or SGLang",
+        )
+    if family is not None and not version.at_least(ENGINE_FACTS[family].vllm_since):
+        _fail(
+            f"{ROLLOUT_KEY}.name", "vllm",
+            f"{version.describe()} has no MTP drafter for {_family_title(family)} (added in vLLM "
+            f"{ENGINE_FACTS[family].vllm_since}); upgrade vLLM or use SGLang",
+        )
+
+    if family is not None and not _vllm_builds_drafter(rollout.hf_config, family):
+        facts = ENGINE_FACTS[family]
+        _fail(
+            "actor_rollout_ref.model.path", rollout.model_path,
+            f"vLLM builds the {_family_title(family)} MTP drafter only for configs whose model_type or first "
+            f"architecture is one of {', '.join(facts.vllm_targets)} (this one: model_type="
+            f"{rollout.hf_config.get('model_type')!r}, architectures={rollout.hf_config.get('architectures')!r}); "
+            f"use such a checkpoint config, or speculative rollout off",
+        )
+
+    choices = vllm_method_choices(version, family)
+    if method not in choices:
+        other = next((f for f in ENGINE_FACTS.values() if f.vllm_alias == method), None)
+        if other is not None and family is not None and other.family != family:
+            why = (
+                f"it names the {_family_title(other.family)} drafter but the model is {_family_title(family)}"
+            )
+        elif other is not None:
+            why = f"{version.describe()} does not know it (added in vLLM {other.vllm_alias_since})"
+        else:
+            why = "MTP rollout drafts with the model's own MTP head, which vLLM runs under an MTP method"
+        _fail(method_key, method, f"{why}; valid choices are {', '.join(choices)}")
+
+    tokens = _check_positive_int(tokens_key, tokens)
+    n_predict = _vllm_n_predict(rollout.hf_config, family)
+    if n_predict and n_predict > 1 and tokens > n_predict and tokens % n_predict:
+        _fail(
+            tokens_key, tokens,
+            f"the checkpoint declares {n_predict} MTP layers, and vLLM's SpeculativeConfig then requires "
+            f"num_speculative_tokens <= {n_predict} or a multiple of it; valid choices are 1..{n_predict} or a "
+            f"multiple of {n_predict}",
+        )
+
+    draft_model = user.get("model")
+    if draft_model is not None and (rollout.model_path is None or str(draft_model) != rollout.model_path):
+        _fail(
+            f"{user_key}.model", draft_model,
+            f"MTP rollout drafts with the actor's own MTP head, which verl keeps in sync; a separate draft "
+            f"model is not the MTP head; valid choices are null (unset) or the actor's model path "
+            f"{rollout.model_path!r}",
+        )
+    if rollout.checkpoint_backend == "delta_sharded":
+        # verl 0.9.1's delta weight transfer raises NotImplementedError for a vLLM engine with a
+        # speculative config (delta_weight_transfer.py), inside the engine process.
+        _fail(
+            f"{ROLLOUT_KEY}.checkpoint_engine.backend", "delta_sharded",
+            "verl 0.9.1's delta weight transfer to vLLM does not support speculative decoding (the drafter "
+            "would not be updated); valid choices with MTP rollout on vLLM are the full-tensor backends "
+            "(naive, nccl, ...), or set mtp.enable_rollout=False",
+        )
+
+    # Exactly verl's merge: the MTP values, then the non-null engine_kwargs entries over them.
+    plan.args = {
+        "speculative_config": {"method": mtp.method, "num_speculative_tokens": mtp.num_speculative_tokens, **user}
+    }
+
+    if method != "mtp":
+        plan.notes.append(f"vLLM {version.version} treats method {method!r} as a deprecated alias of 'mtp'")
+    if tokens > 1:
+        plan.notes.append(
+            f"vLLM drafts all {tokens} positions with the first MTP layer (run {tokens} times); acceptance "
+            f"falls with each reused position"
+        )
+    if depths and depths > 1:
+        plan.notes.append(f"vLLM's drafter uses only MTP layer 1 of the {depths} the checkpoint has")
+    if rollout.free_cache_engine:
+        # verl 0.9.1 (_resolve_sleep_level) sleeps at level 1 whenever MTP rollout is on; vLLM's
+        # level 1 copies everything allocated under the "weights" tag, the drafter included, to CPU
+        # and back, while level 2 would discard it (gpu_worker.sleep / CuMemAllocator).
+        if not verl_keeps_vllm_drafter_on_sleep():
+            _fail(
+                f"{ROLLOUT_KEY}.free_cache_engine", True,
+                "this verl's vLLM server does not choose sleep level 1 for MTP rollout "
+                "(vLLMHttpServer._resolve_sleep_level does not look at mtp.enable_rollout), and level 2 "
+                "discards the drafter's weights; valid choices are free_cache_engine=False, or verl 0.9.1",
+            )
+        plan.notes.append(
+            "between rollouts verl puts vLLM to sleep at level 1 for MTP: target and drafter weights are "
+            "offloaded to CPU memory and restored on wake-up (level 2 would discard the drafter)"
+        )
+    else:
+        plan.notes.append("free_cache_engine=False: vLLM never sleeps, the drafter stays on the GPU")
+
+
+def verl_keeps_vllm_drafter_on_sleep(server_source: Optional[str] = None) -> bool:
+    """Whether the installed verl's vLLM server picks its sleep level with MTP rollout in mind.
+
+    Read from the source (ast), since importing the server module imports vLLM: in verl 0.9.1
+    ``vLLMHttpServer._resolve_sleep_level`` returns 1 when ``mtp.enable_rollout`` is on. A verl
+    whose method is missing or never reads ``enable_rollout`` would sleep at level 2 and lose the
+    drafter. True when the file cannot be found (nothing to judge; verl-mtp pins verl 0.9.1).
+    ``server_source``: the file to read instead of the installed verl's.
+    """
+    import ast
+    import importlib.util
+    import os
+
+    path = server_source
+    if path is None:
+        spec = importlib.util.find_spec("verl")
+        if spec is None or not spec.submodule_search_locations:
+            return True
+        root = list(spec.submodule_search_locations)[0]
+        path = os.path.join(root, "workers", "rollout", "vllm_rollout", "vllm_async_server.py")
+        if not os.path.isfile(path):
+            return True
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "_resolve_sleep_level":
+            return "enable_rollout" in ast.unparse(node)
+    return False
+
+
+# --- SGLang -------------------------------------------------------------------------------------------
+
+
+SGLANG_SPEC_KEYS = (
+    "speculative_algorithm",
+    "speculative_num_steps",
+    "speculative_eagle_topk",
+    "speculative_num_draft_tokens",
+)
+SGLANG_BACKUP_KEYS = ("enable_weights_cpu_backup", "enable_draft_weights_cpu_backup")
+
+
+def sglang_max_draft_tokens(steps: int, topk: int) -> int:
+    """Largest ``speculative_num_draft_tokens`` SGLang can select: the root plus every tree candidate
+    (``topk`` after the first step, ``topk**2`` after each later one)."""
+    return 1 + topk + (steps - 1) * topk * topk
+
+
+def _check_sglang_hybrid_cache(kwargs: Mapping[str, Any], plan: SpeculativePlan, draft_tokens: int) -> None:
+    kw_key = f"{ROLLOUT_KEY}.engine_kwargs.sglang"
+    title = _family_title(plan.family)
+    if kwargs.get("disable_radix_cache"):
+        plan.notes.append(f"{title} on SGLang: radix cache off (disable_radix_cache), as speculative decoding needs")
+        return
+    if kwargs.get("mamba_scheduler_strategy") == "extra_buffer":
+        interval = kwargs.get("mamba_track_interval") or 256  # SGLang's default
+        if interval < draft_tokens:
+            _fail(
+                f"{kw_key}.mamba_track_interval", interval,
+                f"SGLang's extra_buffer mamba cache needs it >= speculative_num_draft_tokens={draft_tokens}; "
+                f"valid choices are integers >= {draft_tokens}",
+            )
+        plan.notes.append(
+            f"{title} on SGLang with mamba_scheduler_strategy=extra_buffer: the rollout processes also need "
+            f"SGLANG_ENABLE_SPEC_V2=1 in their environment (not checkable here)"
+        )
+        return
+    if plan.version.at_least(SGLANG_HYBRID_SPEC_STRICT_SINCE):
+        _fail(
+            f"{kw_key}.disable_radix_cache", kwargs.get("disable_radix_cache"),
+            f"{plan.version.describe()} refuses speculative decoding on {title} (a hybrid linear-attention "
+            f"model) while its radix cache runs in the default no_buffer mamba mode, and verl does not turn it "
+            f"off; valid choices are +{kw_key}.disable_radix_cache=True, or "
+            f"+{kw_key}.mamba_scheduler_strategy=extra_buffer with SGLANG_ENABLE_SPEC_V2=1 in the rollout environment",
+        )
+    plan.notes.append(f"SGLang {plan.version.version} turns its radix cache off for speculative decoding on {title}")
+
+
+def _sglang_value(name: str, value: Any) -> Any:
+    # How SGLang reads the value: algorithm names are upper-cased and NEXTN is EAGLE.
+    if name == "speculative_algorithm" and isinstance(value, str):
+        return "EAGLE" if value.upper() == "NEXTN" else value.upper()
+    return value
+
+
+def _plan_sglang(mtp: Any, rollout: _Rollout, plan: SpeculativePlan) -> None:
+    version, family = plan.version, plan.family
+    kwargs = rollout.engine_kwargs
+    kw_key = f"{ROLLOUT_KEY}.engine_kwargs.sglang"
+
+    if not version.at_least(SGLANG_MTP_SINCE):
+        _fail(
+            f"{ROLLOUT_KEY}.name", "sglang",
+            f"{version.describe()} is too old: verl 0.9.1 needs sglang >= {SGLANG_MTP_SINCE} for MTP rollout "
+            f"(verl turns on its enable_draft_weights_cpu_backup to keep the drafter across sleep)",
+        )
+    if family is not None:
+        facts = ENGINE_FACTS[family]
+        configs = (rollout.hf_config, rollout.hf_config.get("text_config") or {})
+        archs = [a for cfg in configs for a in (cfg.get("architectures") or [])]
+        if not any(a in facts.sglang_draft_archs for a in archs):
+            _fail(
+                "actor_rollout_ref.model.path", rollout.model_path,
+                f"its architectures {archs} have no MTP draft model in SGLang; SGLang drafts "
+                f"{_family_title(family)} only for {', '.join(facts.sglang_draft_archs)}; use one of those "
+                f"checkpoints or vLLM",
+            )
+        if not version.at_least(facts.sglang_since):
+            _fail(
+                f"{ROLLOUT_KEY}.name", "sglang",
+                f"{version.describe()} has no MTP draft model for {_family_title(family)} (added in SGLang "
+                f"{facts.sglang_since}); upgrade SGLang or use vLLM",
+            )
+
+    algorithm = mtp.speculative_algorithm
+    if not isinstance(algorithm, str) or algorithm.upper() not in SGLANG_MTP_ALGORITHMS:
+        _fail(
+            f"{MTP_KEY}.speculative_algorithm", algorithm,
+            f"MTP rollout drafts with the model's MTP head, which SGLang runs as EAGLE (NEXTN is its alias); "
+            f"valid choices are {', '.join(SGLANG_MTP_ALGORITHMS)}",
+        )
+    steps = _check_positive_int(f"{MTP_KEY}.speculative_num_steps", mtp.speculative_num_steps)
+    topk = _check_positive_int(f"{MTP_KEY}.speculative_eagle_topk", mtp.speculative_eagle_topk)
+    draft = _check_positive_int(f"{MTP_KEY}.speculative_num_draft_tokens", mtp.speculative_num_draft_tokens)
+    if topk == 1 and draft != steps + 1:
+        _fail(
+            f"{MTP_KEY}.speculative_num_draft_tokens", draft,
+            f"with speculative_eagle_topk=1 SGLang verifies a chain of speculative_num_steps + 1 tokens and "
+            f"silently replaces any other value; valid choice is {steps + 1} (speculative_num_steps={steps})",
+        )
+    if topk > 1 and not 2 <= draft <= sglang_max_draft_tokens(steps, topk):
+        _fail(
+            f"{MTP_KEY}.speculative_num_draft_tokens", draft,
+            f"with speculative_eagle_topk={topk} and speculative_num_steps={steps} SGLang selects the draft "
+            f"tokens from {sglang_max_draft_tokens(steps, topk) - 1} tree candidates; valid choices are "
+            f"2..{sglang_max_draft_tokens(steps, topk)}",
+        )
+
+    # verl 0.9.1 writes mtp.* over these engine_kwargs, so a different value there would be dropped.
+    values = {
+        "speculative_algorithm": algorithm,
+        "speculative_num_steps": steps,
+        "speculative_eagle_topk": topk,
+        "speculative_num_draft_tokens": draft,
+    }
+    for name in SGLANG_SPEC_KEYS:
+        given = kwargs.get(name)
+        if given is not None and _sglang_value(name, given) != _sglang_value(name, values[name]):
+            _fail(
+                f"{kw_key}.{name}", given,
+                f"verl 0.9.1 replaces it with {MTP_KEY}.{name}={values[name]!r}; set the value there instead "
+                f"(valid choices here: unset, or {values[name]!r})",
+            )
+    # SGLang restores weights after sleep only from a CPU backup: weights loaded in a memory-saver
+    # region without one (ModelRunner.load_model, enable_cpu_backup = enable_weights_cpu_backup or
+    # (draft worker and enable_draft_weights_cpu_backup)) come back as uninitialised memory, and
+    # verl's weight sync does not rewrite every drafter tensor. verl 0.9.1 forces both to True for
+    # MTP rollout; an explicit False here says the user expects something that will not happen.
+    for name in SGLANG_BACKUP_KEYS:
+        if name in kwargs and kwargs[name] is not None and not kwargs[name]:
+            _fail(
+                f"{kw_key}.{name}", kwargs[name],
+                "without the CPU backup SGLang loses the drafter's weights when verl puts the engine to sleep "
+                "(verl 0.9.1 forces it on for MTP rollout); valid choices are true or unset",
+            )
+
+    backend = kwargs.get("attention_backend") or _verl_default_sglang_backend(version.parsed)
+    page_size = kwargs.get("page_size") or 1
+    if topk > 1 and backend == "trtllm_mha":
+        _fail(
+            f"{MTP_KEY}.speculative_eagle_topk", topk,
+            f"SGLang's trtllm_mha attention backend ({kw_key}.attention_backend) supports only top-k 1; valid "
+            f"choices are 1, or another attention backend",
+        )
+    if topk > 1 and page_size > 1 and backend not in SGLANG_TREE_BACKENDS:
+        _fail(
+            f"{MTP_KEY}.speculative_eagle_topk", topk,
+            f"SGLang rejects top-k > 1 with page_size={page_size} on the {backend} attention backend; valid "
+            f"choices are 1, page_size=1, or attention_backend in {', '.join(SGLANG_TREE_BACKENDS)}",
+        )
+    if family is not None and ENGINE_FACTS[family].sglang_hybrid_cache:
+        _check_sglang_hybrid_cache(kwargs, plan, draft)
+
+    draft_path = kwargs.get("speculative_draft_model_path")
+    if draft_path is not None and (rollout.model_path is None or str(draft_path) != rollout.model_path):
+        _fail(
+            f"{kw_key}.speculative_draft_model_path", draft_path,
+            f"MTP rollout drafts with the actor's own MTP head; valid choices are unset or the actor's model "
+            f"path {rollout.model_path!r}",
+        )
+
+    plan.args = {**values, **{name: True for name in SGLANG_BACKUP_KEYS}}
+
+    if algorithm.upper() == "NEXTN":
+        plan.notes.append("SGLang runs NEXTN as EAGLE with the MTP layer as the draft model")
+    if steps > 1:
+        plan.notes.append(
+            f"SGLang's MTP draft model is one layer, run for all {steps} steps; acceptance falls with each step"
+        )
+    if plan.depths and plan.depths > 1:
+        plan.notes.append(f"SGLang drafts with MTP layer 1 only (the checkpoint has {plan.depths})")
+    if topk > 1:
+        plan.notes.append("speculative_eagle_topk > 1: SGLang turns its overlap scheduler off (spec v1)")
+    if rollout.max_num_seqs is None:
+        plan.notes.append("rollout.max_num_seqs is unset: SGLang caps speculative decoding at 48 running requests")
+    plan.notes.append(
+        "verl sets enable_weights_cpu_backup and enable_draft_weights_cpu_backup: target and drafter "
+        "weights are kept in CPU memory across sleep"
     )

@@ -1,0 +1,248 @@
+"""Export completeness: every MTP tensor the megatron model has must leave in an HF export.
+
+An export is a stream of ``(hf_name, tensor)`` pairs (the weights verl sends to the rollout
+engine, or the files it writes to ``model/huggingface``). The check classifies the HF names as
+MTP with the family's naming (``verl_mtp.models``) and compares them with what the model has:
+
+- exact, when the bridge can name the HF tensors of each megatron ``mtp.*`` parameter (the
+  corrected mbridge bridges of ``verl_mtp.models.bridges``: ``expected_mtp_hf_names``) and this
+  rank holds the MTP block: the exported MTP names must equal the expected ones, each once;
+- structural otherwise (Megatron-Bridge, or a pipeline stage without the MTP block): every
+  depth ``0..D-1`` the model has is present, no other depth, every core tensor of each depth
+  (norms, projection), the same tensor names in every depth, nothing twice.
+
+A failure raises :class:`IncompleteMtpExportError` naming the missing / unexpected tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from typing import Any, Iterable, Iterator, Optional
+
+from verl_mtp.models.families import MtpNaming, UnknownFamilyError, detect_family
+
+
+logger = logging.getLogger(__name__)
+
+
+class IncompleteMtpExportError(RuntimeError):
+    """An HF export lacks MTP tensors the model has, or carries ones it does not have."""
+
+
+def _unwrap(model: Any) -> Any:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def model_mtp_depths(models: Iterable[Any]) -> int:
+    """MTP depth count of a megatron model (list of chunks, wrapped or not); 0 without MTP."""
+    for chunk in models:
+        config = getattr(_unwrap(chunk), "config", None)
+        depths = getattr(config, "mtp_num_layers", None)
+        if depths:
+            return int(depths)
+    return 0
+
+
+def model_mtp_param_names(models: Iterable[Any]) -> list[str]:
+    """The megatron ``mtp.*`` parameter (and buffer) names this rank holds."""
+    names = []
+    for chunk in models:
+        for name in _unwrap(chunk).state_dict().keys():
+            if name.startswith("mtp.") and "_extra_state" not in name:
+                names.append(name)
+    return names
+
+
+def _config_dict(hf_config: Any) -> dict:
+    if isinstance(hf_config, dict):
+        return hf_config
+    return hf_config.to_dict()
+
+
+def check_mtp_export(
+    exported_names: list[str],
+    naming: MtpNaming,
+    depths: int,
+    expected: Optional[list[str]] = None,
+    where: str = "export",
+) -> None:
+    """Raise IncompleteMtpExportError unless the exported MTP names are complete.
+
+    ``naming`` classifies HF names; ``depths`` is the model's MTP depth count; ``expected``
+    (optional) the exact MTP names the export must contain.
+    """
+    mtp = [n for n in exported_names if naming.is_mtp(n)]
+    problems = []
+    twice = sorted(n for n, c in Counter(mtp).items() if c > 1)
+    if twice:
+        problems.append(f"exported more than once: {twice}")
+    if expected is not None:
+        missing = sorted(set(expected) - set(mtp))
+        unexpected = sorted(set(mtp) - set(expected))
+        if missing:
+            problems.append(f"missing {len(missing)} MTP tensor(s): {missing}")
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)} MTP tensor(s): {unexpected}")
+        if not missing and not unexpected and len(mtp) != len(expected):
+            problems.append(f"{len(mtp)} MTP tensors exported, the model has {len(expected)}")
+    # Structural checks (also the only ones without an exact name list).
+    keys = [naming.key(n) for n in mtp]
+    found_depths = sorted({d for d, _ in keys if d is not None})
+    if found_depths != list(range(depths)) and (expected is None or not problems):
+        problems.append(f"MTP depths exported: {found_depths}, the model has depths {list(range(depths))}")
+    present = set(keys)
+    absent_core = [naming.name(k) for k in naming.required_keys() if k not in present] if depths else []
+    if absent_core and expected is None:
+        problems.append(f"missing core MTP tensor(s): {absent_core}")
+    if expected is None and not naming.family.projection_shared and depths > 1:
+        per_depth = {d: sorted(r for dd, r in keys if dd == d) for d in range(depths)}
+        reference = per_depth[0]
+        for d, rests in per_depth.items():
+            if rests != reference:
+                lacking = sorted(set(reference) - set(rests))
+                extra = sorted(set(rests) - set(reference))
+                problems.append(
+                    f"MTP depth {d} differs from depth 0: lacks {[naming.name((d, r)) for r in lacking]}, "
+                    f"has extra {[naming.name((d, r)) for r in extra]}"
+                )
+    if problems:
+        raise IncompleteMtpExportError(
+            f"incomplete MTP {where} ({naming.family.title}, {depths} depth(s), "
+            f"{len(mtp)} MTP tensors exported): " + "; ".join(problems)
+        )
+
+
+class MtpExportChecker:
+    """Collects exported names and checks them once the export is over.
+
+    Built from the model chunks of this rank, the bridge and the HF config; ``active`` is False
+    (and ``check`` does nothing) when the model has no MTP and the family is unknown.
+    """
+
+    def __init__(self, models: list, bridge: Any, hf_config: Any, where: str = "export"):
+        self.where = where
+        self.depths = model_mtp_depths(models)
+        config = _config_dict(hf_config)
+        try:
+            self.family = detect_family(config)
+        except UnknownFamilyError:
+            self.family = None
+        self.config = config
+        self.active = self.family is not None
+        if not self.active and self.depths:
+            logger.warning(
+                "verl-mtp: %s of a model with %d MTP depth(s) is not checked for completeness: "
+                "config.json names no family verl-mtp knows (model_type=%r)", where, self.depths,
+                config.get("model_type"),
+            )
+        self.expected: Optional[list[str]] = None
+        mtp_params = model_mtp_param_names(models)
+        namer = getattr(bridge, "expected_mtp_hf_names", None)
+        if self.active and callable(namer):
+            if mtp_params:
+                all_names = [
+                    n for chunk in models for n in _unwrap(chunk).state_dict().keys() if "_extra_state" not in n
+                ]
+                self.expected = sorted(set(namer(all_names)))
+            elif self.depths == 0:
+                self.expected = []
+        self.names: list[str] = []
+
+    def observe(self, name: str) -> None:
+        self.names.append(name)
+
+    def check(self) -> None:
+        if not self.active:
+            return
+        naming = self.family.naming(self.config, self.depths, self.names)
+        check_mtp_export(self.names, naming, self.depths, self.expected, where=self.where)
+
+
+def checked_export(stream: Iterable, models: list, bridge: Any, hf_config: Any, where: str = "export") -> Iterator:
+    """Yield ``stream``'s ``(name, tensor)`` pairs; when it is exhausted, check MTP completeness."""
+    checker = MtpExportChecker(models, bridge, hf_config, where=where)
+    for item in stream:
+        checker.observe(item[0])
+        yield item
+    checker.check()
+
+
+def stored_tensor_names(hf_dir: str) -> list[str]:
+    """Tensor names the safetensors files of an HF checkpoint directory really hold (an index
+    can list tensors whose shard was never written)."""
+    from safetensors import safe_open
+
+    names = []
+    for file in sorted(os.listdir(hf_dir)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(hf_dir, file), framework="pt") as f:
+                names.extend(f.keys())
+    return names
+
+
+def index_problems(hf_dir: str) -> list[str]:
+    """Names ``model.safetensors.index.json`` lists in a file that lacks them (or is missing)."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return []
+    from safetensors import safe_open
+
+    with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    held: dict[str, set] = {}
+    problems = []
+    for name, file in weight_map.items():
+        if file not in held:
+            path = os.path.join(hf_dir, file)
+            if os.path.exists(path):
+                with safe_open(path, framework="pt") as f:
+                    held[file] = set(f.keys())
+            else:
+                held[file] = set()
+        if name not in held[file]:
+            problems.append(f"{name} (index says {file})")
+    return problems
+
+
+def check_saved_hf_dir(hf_dir: str, models: list, bridge: Any, hf_config: Any) -> None:
+    """Check a written HF checkpoint directory holds the model's MTP head completely."""
+    checker = MtpExportChecker(models, bridge, hf_config, where=f"HF checkpoint {hf_dir}")
+    for name in stored_tensor_names(hf_dir):
+        checker.observe(name)
+    checker.check()
+    listed_not_written = index_problems(hf_dir)
+    if listed_not_written:
+        raise IncompleteMtpExportError(
+            f"HF checkpoint {hf_dir}: model.safetensors.index.json lists {len(listed_not_written)} tensor(s) "
+            f"no shard holds: {listed_not_written[:20]}"
+        )
+
+
+def write_config_depths(hf_dir: str, depths: int) -> bool:
+    """Make ``hf_dir/config.json`` declare ``depths`` MTP depths (where the family keeps the key).
+
+    verl writes the config object it holds, whose depth count can differ from the model's
+    (``mtp.mtp_num_layers`` override; zeroed when MTP is off). Returns True if it changed."""
+    from verl_mtp.models.families import with_depths
+
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        config = json.load(f)
+    try:
+        family = detect_family(config)
+    except UnknownFamilyError:
+        return False
+    updated = with_depths(config, depths, config, family)
+    if updated == config:
+        return False
+    with open(path, "w") as f:
+        json.dump(updated, f, indent=2)
+        f.write("\n")
+    return True
