@@ -4,7 +4,6 @@ Runs the CPU config/algorithm tests the verl wheel ships (its top-level `tests` 
 fresh interpreter, where `import verl` loads verl-mtp through the entry point.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys

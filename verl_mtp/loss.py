@@ -115,7 +115,6 @@ class MtpPolicyLoss:
 
     def occ_prepass_loss(self, config, model_output, data, dp_group=None):
         """Loss function of the pre-pass: accumulates this rank's OCC sums, trains nothing."""
-        mtp = as_extended(config.model_config.mtp)
         log_prob, q, old_log_prob, masks = _occ_inputs(model_output, data)
         partial = torch.stack([occ_partial_sums(log_prob, x, old_log_prob, m) for x, m in zip(q, masks)])
         running = self._occ_pending.get(id(config))

@@ -20,7 +20,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from packaging.version import Version
 
 # verl versions each patch was written and tested against. Others are refused (loudly) unless
 # VERL_MTP_ALLOW_UNTESTED_VERL=1, because the patched internals are not a public API.

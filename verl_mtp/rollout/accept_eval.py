@@ -276,7 +276,7 @@ def layer_for_position(num_layers: int, k_max: int) -> list[int]:
 
 def _megatron_device_context(device: torch.device):
     if device.type == "cpu":
-        from verl_mtp.testing.tiny_megatron import cpu_megatron
+        from verl_mtp.megatron.single_process import cpu_megatron
 
         return cpu_megatron()
     import contextlib
@@ -294,7 +294,7 @@ def teacher_forced_hidden(model, input_ids: torch.Tensor, layers: Sequence[int])
     for one that chains ``model.mtp.layers[layers[j-1]]`` (megatron's own layer forward, which
     rolls the ids and embeds the next tokens), so a layer can be reused for later positions.
     """
-    from verl_mtp.testing.tiny_megatron import causal_mask
+    from verl_mtp.megatron.single_process import causal_mask
 
     device = input_ids.device
     seq_len = input_ids.shape[1]
@@ -606,7 +606,7 @@ def _seed_cuda_rng() -> None:
     # the model-parallel state (the parallel state must exist first).
     from megatron.core import tensor_parallel
 
-    from verl_mtp.testing.tiny_megatron import init_single_process_megatron
+    from verl_mtp.megatron.single_process import init_single_process_megatron
 
     init_single_process_megatron()
     tracker = tensor_parallel.get_cuda_rng_tracker()

@@ -9,47 +9,13 @@ Packed (THD) attention needs TransformerEngine, so this harness covers the padde
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 from dataclasses import dataclass
 
 import torch
 
-
-@contextlib.contextmanager
-def cpu_megatron():
-    """Redirect megatron-core's hard-coded CUDA calls to the CPU for the duration."""
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    original_current_device = torch.cuda.current_device
-    original_fork = mcore_random.CudaRNGStatesTracker.fork
-    torch.cuda.current_device = lambda: "cpu"
-    mcore_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = original_current_device
-        mcore_random.CudaRNGStatesTracker.fork = original_fork
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_single_process_megatron() -> None:
-    """gloo process group of size 1 and megatron's model-parallel state (TP=PP=1). Idempotent."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+# The single-process CPU runtime lives with the megatron code (the bridges and accept-eval use it
+# too); re-exported here, where the tests, benchmark and demo have always found it.
+from verl_mtp.megatron.single_process import causal_mask, cpu_megatron, init_single_process_megatron  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -118,11 +84,6 @@ def _reset_mtp_loss_tracker() -> None:
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     MTPLossLoggingHelper.tracker.clear()
-
-
-def causal_mask(seq_len: int) -> torch.Tensor:
-    """megatron's boolean attention mask: True = masked out."""
-    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool), diagonal=1)
 
 
 def random_batch(spec: TinyGPTSpec, batch_size: int = 2, seq_len: int = 12, seed: int = 0) -> dict:

@@ -1,0 +1,57 @@
+"""megatron-core in one process, on CPU or one GPU: what the CPU test harness, ``verl-mtp
+accept-eval`` and ``verl_mtp.models.bridges.load_hf_model`` need to build and run a model outside
+verl's workers.
+
+megatron-core runs on CPU with gloo, world size 1, the local (non-TransformerEngine) layer spec,
+fp32 and fusions off, once two hard-coded CUDA calls are redirected: ``torch.cuda.current_device``
+(RoPE, attention buffers, the MTP loss tracker) and the CUDA RNG tracker's ``fork``.
+``cpu_megatron()`` applies both and restores them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import torch
+
+
+@contextlib.contextmanager
+def cpu_megatron():
+    """Redirect megatron-core's hard-coded CUDA calls to the CPU for the duration."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    original_current_device = torch.cuda.current_device
+    original_fork = mcore_random.CudaRNGStatesTracker.fork
+    torch.cuda.current_device = lambda: "cpu"
+    mcore_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original_current_device
+        mcore_random.CudaRNGStatesTracker.fork = original_fork
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process_megatron() -> None:
+    """gloo process group of size 1 and megatron's model-parallel state (TP=PP=1). Idempotent."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+
+
+def causal_mask(seq_len: int) -> torch.Tensor:
+    """megatron's boolean attention mask: True = masked out."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool), diagonal=1)
