@@ -279,9 +279,17 @@ def test_warn_mode_warns_records_zero_and_turns_speculation_off_for_the_next_ste
             metrics = _sync(checker, _mtp_stream(1), recorder, drafter, drafter_loads=False)
         assert metrics == {METRIC_IN_SYNC: 0.0} == ds.latest_drafter_sync_metrics()
         assert controller.forced_off_steps == 1 and "weight sync #2" in controller.forced_reason
+        # No engine here has a runtime switch: the message must not claim speculation is off.
+        assert controller.actuator is None
+        assert "the engine has no runtime switch" in capsys.readouterr().err
+        controller.forced_off_steps = 0
+        controller.actuator = lambda enabled: True  # an engine that can switch (none exists yet)
+        with pytest.warns(DrafterSyncWarning, match="stale copy"):
+            _sync(checker, _mtp_stream(2), recorder, drafter, drafter_loads=False)
         assert "speculation is turned OFF for the next step" in capsys.readouterr().err
     finally:
         controller.forced_off_steps, controller.forced_reason = saved
+        controller.actuator = None
 
 
 def test_off_mode_checks_nothing():

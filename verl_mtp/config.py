@@ -96,8 +96,8 @@ class ExtendedMtpConfig(VerlMtpConfig):
             ``auto`` (default: ``raise`` where the check can run, i.e. vLLM; elsewhere, e.g. SGLang, a
             loud config-time warning that the drafter is not verified), ``raise``
             (DrafterOutOfSyncError; a rollout path that cannot be checked is refused at config
-            time), ``warn`` (loud warning, metric rollout/mtp_drafter_in_sync = 0, speculation off
-            for the next step) or ``off``.
+            time), ``warn`` (loud warning, metric rollout/mtp_drafter_in_sync = 0, speculation-off
+            requested for the next step: advisory on engines without a runtime switch) or ``off``.
         spec_step_metrics: log exact per-step speculative-decoding metrics summed over replicas
             (rollout/mtp_spec_*, rollout/mtp_gen_throughput; verl_mtp.rollout.spec_metrics).
         adaptive_speculation: let a policy measure throughput with vs without speculation and

@@ -92,7 +92,7 @@ class DrafterOutOfSyncError(RuntimeError):
 
 
 class DrafterSyncWarning(RuntimeWarning):
-    """drafter_sync_check=warn: the drafter was found out of sync (speculation is turned off)."""
+    """drafter_sync_check=warn: the drafter was found out of sync (speculation-off is requested)."""
 
 
 # --- fingerprint -------------------------------------------------------------------------------
@@ -526,20 +526,22 @@ def latest_drafter_sync_metrics() -> dict[str, float]:
     return dict(_latest_metrics)
 
 
-def _request_speculation_off(reason: str) -> Optional[str]:
-    """Ask verl_mtp.rollout.spec_control to turn speculation off for the next step.
-
-    Returns None on success, else why it could not be done (reported loudly by the caller).
-    """
+def _request_speculation_off(reason: str) -> str:
+    """Ask verl_mtp.rollout.spec_control to turn speculation off for the next step; returns what
+    really happens, for the caller's loud message."""
     try:
-        from verl_mtp.rollout.spec_control import force_speculation_off
+        from verl_mtp.rollout.spec_control import force_speculation_off, get_controller
     except ImportError as exc:
-        return f"verl_mtp.rollout.spec_control.force_speculation_off is unavailable ({exc})"
+        return f"speculation could NOT be turned off (verl_mtp.rollout.spec_control is unavailable: {exc})"
     try:
         force_speculation_off(steps=1, reason=reason)
     except Exception as exc:  # noqa: BLE001 - reported by the caller, never swallowed
-        return f"force_speculation_off failed: {type(exc).__name__}: {exc}"
-    return None
+        return f"speculation could NOT be turned off (force_speculation_off failed: {type(exc).__name__}: {exc})"
+    if get_controller().actuator is None:
+        # vLLM 0.24 / SGLang 0.5.12 have no runtime switch: say so instead of claiming it is off.
+        return ("speculation-off was requested for the next step, but the engine has no runtime switch, so "
+                "it keeps drafting with the stale head (outputs stay correct; acceptance and throughput drop)")
+    return "speculation is turned OFF for the next step"
 
 
 def enforce_drafter_sync(verdict: SyncVerdict, mode: str) -> dict[str, float]:
@@ -560,16 +562,11 @@ def enforce_drafter_sync(verdict: SyncVerdict, mode: str) -> dict[str, float]:
     message = verdict.message()
     if mode in ("auto", "raise"):
         raise DrafterOutOfSyncError(
-            message + "\n(set actor_rollout_ref.model.mtp.drafter_sync_check=warn to continue with speculation "
-            "turned off for the next step instead)"
+            message + "\n(set actor_rollout_ref.model.mtp.drafter_sync_check=warn to continue with a loud warning "
+            "and a request to turn speculation off for the next step instead)"
         )
     _latest_metrics[METRIC_IN_SYNC] = 0.0
-    failure = _request_speculation_off(f"drafter out of sync after weight sync #{verdict.sync_index}")
-    action = (
-        "speculation is turned OFF for the next step"
-        if failure is None
-        else f"speculation could NOT be turned off ({failure}); acceptance will collapse"
-    )
+    action = _request_speculation_off(f"drafter out of sync after weight sync #{verdict.sync_index}")
     loud = f"[verl-mtp] ERROR: {message}\n[verl-mtp] drafter_sync_check=warn: {action}."
     print(loud, file=sys.stderr, flush=True)
     logger.error(loud)
