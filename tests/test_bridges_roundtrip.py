@@ -61,6 +61,17 @@ def test_round_trip_is_bit_exact_for_every_tensor(checkpoints, family):
     assert loaded.model.config.mtp_num_layers == CASES[family]
 
 
+def test_a_bf16_load_is_uniformly_bf16_and_round_trips_the_bf16_values(tmp_path):
+    # megatron's local-spec norms are built in fp32; a half-precision load must not keep them so
+    # (mixed dtypes made rms_norm warn on GPU and compute the norms in fp32).
+    source = write_tiny_checkpoint(str(tmp_path), "mimo", 1, seed=3)
+    loaded = load_hf_model(str(tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    exported = export_hf_weights(loaded)
+    assert sorted(exported) == sorted(source)
+    assert [n for n in source if not torch.equal(source[n].to(torch.bfloat16), exported[n].to(torch.bfloat16))] == []
+
+
 def test_deepseek_v3_trunk_copies_are_ignored_on_import_and_written_from_the_trunk(checkpoints, tmp_path):
     path, source, loaded, _ = checkpoints("deepseek_v3")
     trunk_layers = loaded.hf_config["num_hidden_layers"]

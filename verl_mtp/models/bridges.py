@@ -680,6 +680,10 @@ def load_hf_model(hf_path: str, *, mtp_num_layers: int | None = None, dtype=torc
         bridge.set_extra_args(**overrides)
         provider = bridge._model_provider([])
         model = provider(pre_process=True, post_process=True)
+        # megatron's local-spec norms keep fp32 weights (training wraps the model in Float16Module,
+        # which casts everything); cast here so a bf16/fp16 model is uniformly that dtype.
+        if dtype is not torch.float32:
+            model = model.to(dtype)
         if not on_cpu:
             model = model.cuda()
         bridge.load_weights([model], hf_path)
