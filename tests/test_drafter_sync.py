@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -719,3 +720,68 @@ def test_worker_patch_applies_and_undoes_through_a_deferred_patch():
         del sys.modules[module.__name__]
     assert vLLMColocateWorkerExtension.update_weights_from_ipc is original
     assert not hasattr(vLLMColocateWorkerExtension, ds.VLLM_REPORT_METHOD)
+
+
+# --- the verdict reaches the driver's step metrics (colocated sync) --------------------------------
+
+
+def test_the_verdict_travels_from_the_trainer_worker_to_the_driver_step_metrics(monkeypatch):
+    """verl 0.9.1 drops what ``ActorRolloutRefWorker.update_weights`` returns in the colocated
+    (naive) sync. The patched worker returns the replica leader's verdict once, the patched
+    ``CheckpointEngineManager.update_weights`` keeps the workers' results, and verl's
+    ``compute_throughout_metrics`` (patched) logs them. Ray is not started: ``ray.get`` stands in
+    as the identity and the worker group returns the workers' results directly."""
+    import asyncio
+
+    import ray
+
+    import verl.checkpoint_engine.base as ckpt_base
+    import verl.trainer.ppo.ray_trainer as ray_trainer
+    import verl.workers.engine_workers as engine_workers
+    from verl import DataProto
+    from verl.single_controller.base.decorator import MAGIC_ATTR
+
+    from verl_mtp.patches import _worker_update_weights_returning_drafter_metrics
+
+    # The real worker method is wrapped and keeps verl's dispatch attributes (ONE_TO_ALL, non-blocking).
+    patched = engine_workers.ActorRolloutRefWorker.update_weights
+    assert getattr(patched, MAGIC_ATTR) == getattr(patched.__verl_mtp_original__, MAGIC_ATTR)
+
+    # Worker side: the leader had a failing check, another rank none; the verdict is handed out once.
+    async def stock_update_weights(self, global_steps=None, mode="auto"):
+        return None
+
+    worker_update = _worker_update_weights_returning_drafter_metrics(stock_update_weights)
+    ds._latest_metrics.clear()
+    ds._latest_metrics[METRIC_IN_SYNC] = 0.0
+    leader = asyncio.run(worker_update(None, global_steps=3, mode="naive"))
+    assert leader == {METRIC_IN_SYNC: 0.0}
+    assert asyncio.run(worker_update(None, global_steps=3, mode="naive")) is None  # not twice
+
+    # Driver side: the real patched manager method, naive backend; replica 2 was in sync.
+    monkeypatch.setattr(ray, "get", lambda refs: refs)
+    calls = []
+
+    class WorkerGroup:
+        def update_weights(self, global_steps, mode):
+            calls.append((global_steps, mode))
+            return [leader, None, {METRIC_IN_SYNC: 1.0}, None]
+
+    manager = types.SimpleNamespace(backend="naive", actor_wg=WorkerGroup())
+    assert ckpt_base.CheckpointEngineManager.update_weights(manager, 3) == {}
+    assert calls == [(3, "naive")]
+
+    response_mask = torch.tensor([[1, 1, 0]])
+    batch = DataProto.from_dict(tensors={
+        "responses": torch.zeros(1, 3, dtype=torch.long), "response_mask": response_mask,
+        "attention_mask": torch.cat([torch.ones(1, 2, dtype=torch.long), response_mask], dim=1),
+    }, meta_info={"global_token_num": [4]})
+    step = ray_trainer.compute_throughout_metrics(batch=batch, timing_raw={"gen": 0.5, "step": 1.0}, n_gpus=1)
+    assert step[METRIC_IN_SYNC] == 0.0  # one replica out of sync makes the step's verdict 0
+    step = ray_trainer.compute_throughout_metrics(batch=batch, timing_raw={"gen": 0.5, "step": 1.0}, n_gpus=1)
+    assert METRIC_IN_SYNC not in step  # logged once per sync
+
+    # Other backends still run verl's own code.
+    other = types.SimpleNamespace(backend="nccl")
+    with pytest.raises(AttributeError):
+        ckpt_base.CheckpointEngineManager.update_weights(other, 3)

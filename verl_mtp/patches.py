@@ -665,14 +665,81 @@ def _patch_vllm_http_server(module: Any, restore: list) -> None:
     _replace(server, "collective_rpc", _returning_collective_rpc, restore)
 
 
+def _worker_update_weights_returning_drafter_metrics(original: Callable) -> Callable:
+    @functools.wraps(original)  # keeps verl's @register dispatch attributes
+    async def update_weights(self, global_steps=None, mode="auto"):
+        from verl_mtp.rollout.drafter_sync import take_drafter_sync_metrics
+
+        result = await original(self, global_steps=global_steps, mode=mode)
+        metrics = take_drafter_sync_metrics()
+        if not metrics:
+            return result
+        if result is None:
+            return metrics
+        return {**result, **metrics} if isinstance(result, dict) else result
+
+    update_weights.__verl_mtp_original__ = original
+    return update_weights
+
+
+def _patch_actor_worker_update_weights(module: Any, restore: list) -> None:
+    worker = _require(module, "ActorRolloutRefWorker")
+    original = getattr(worker, "update_weights", None)
+    params = list(inspect.signature(original).parameters) if callable(original) else []
+    if params != ["self", "global_steps", "mode"] or not inspect.iscoroutinefunction(original):
+        raise PatchError(f"ActorRolloutRefWorker.update_weights(self, global_steps, mode) (async) not found (got {params})")
+    _replace(worker, "update_weights", _worker_update_weights_returning_drafter_metrics(original), restore)
+
+
+# verl 0.9.1's naive (colocated) branch of CheckpointEngineManager.update_weights, which drops the
+# workers' results; the replacement below does the same call and keeps them.
+_NAIVE_SYNC_SOURCE = "ray.get(self.actor_wg.update_weights(global_steps=global_steps, mode=self.backend))"
+
+
+def _manager_update_weights_keeping_worker_results(inner: Callable, auto_await: Callable) -> Callable:
+    @functools.wraps(inner)
+    async def update_weights(self, global_steps=None):
+        if self.backend != "naive":
+            return await inner(self, global_steps=global_steps)
+        import ray
+
+        from verl_mtp.rollout.drafter_sync import record_worker_sync_results
+
+        record_worker_sync_results(ray.get(self.actor_wg.update_weights(global_steps=global_steps, mode=self.backend)))
+        return {}
+
+    return auto_await(update_weights)
+
+
+def _patch_manager_naive_sync(module: Any, restore: list) -> None:
+    from verl.utils.ray_utils import auto_await
+
+    manager = _require(module, "CheckpointEngineManager")
+    original = getattr(manager, "update_weights", None)
+    inner = getattr(original, "__wrapped__", None)  # the coroutine function under verl's @auto_await
+    if inner is None or not inspect.iscoroutinefunction(inner) or list(inspect.signature(inner).parameters) != [
+        "self", "global_steps"
+    ]:
+        raise PatchError("CheckpointEngineManager.update_weights(self, global_steps) under @auto_await not found")
+    source = inspect.getsource(inner)
+    if _NAIVE_SYNC_SOURCE not in source or 'if self.backend == "naive":' not in source:
+        raise PatchError(f"CheckpointEngineManager.update_weights no longer syncs the naive backend with {_NAIVE_SYNC_SOURCE}")
+    patched = _manager_update_weights_keeping_worker_results(inner, auto_await)
+    patched.__verl_mtp_original__ = original
+    _replace(manager, "update_weights", patched, restore)
+
+
 DRAFTER_SYNC_CHECK = deferred_patch(
     "drafter_sync_check",
     "after every vLLM weight sync the MTP drafter's received tensors are fingerprinted in each engine "
-    "worker and compared with the trainer's (mtp.drafter_sync_check: raise | warn | off)",
+    "worker and compared with the trainer's (mtp.drafter_sync_check: auto | raise | warn | off); the "
+    "verdict reaches the driver's step metrics as rollout/mtp_drafter_in_sync (colocated sync)",
     {
         "verl.workers.rollout.vllm_rollout.vllm_rollout": _patch_vllm_server_adapter,
         "verl.workers.rollout.vllm_rollout.utils": _patch_vllm_worker_extension,
         "verl.workers.rollout.vllm_rollout.vllm_async_server": _patch_vllm_http_server,
+        "verl.workers.engine_workers": _patch_actor_worker_update_weights,
+        "verl.checkpoint_engine.base": _patch_manager_naive_sync,
     },
 )
 
@@ -689,9 +756,12 @@ def _spec_throughput_metrics(original: Callable) -> Callable:
     def compute_throughout_metrics(batch, timing_raw, *args, **kwargs):
         from verl_mtp.rollout.spec_control import record_generation
 
+        from verl_mtp.rollout.drafter_sync import pop_driver_drafter_metrics
+
         result = original(batch, timing_raw, *args, **kwargs)
         record_generation(batch, timing_raw)
-        return result
+        # the drafter check's verdict of this step's weight sync (patch drafter_sync_check)
+        return {**result, **pop_driver_drafter_metrics()}
 
     compute_throughout_metrics.__verl_mtp_original__ = original
     return compute_throughout_metrics

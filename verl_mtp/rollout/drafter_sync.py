@@ -520,10 +520,37 @@ def latest_drafter_sync_metrics() -> dict[str, float]:
     """The metrics of the last check in this process (``{}`` before the first / when off).
 
     The check runs in the process that streams weights to a replica (trainer rank or
-    CheckpointEngineWorker); the patched ``ServerAdapter.update_weights`` also returns them.
-    verl 0.9.1 drops that return value on the way to the driver (``ActorRolloutRefWorker.
-    update_weights`` and ``CheckpointEngineWorker.update_weights`` return nothing from it)."""
+    CheckpointEngineWorker); the patched ``ServerAdapter.update_weights`` also returns them."""
     return dict(_latest_metrics)
+
+
+def take_drafter_sync_metrics() -> dict[str, float]:
+    """The last check's metrics, handed out once: the trainer worker returns them from its
+    ``update_weights`` so a sync without a check (another rank, an adapter-only sync) reports nothing."""
+    metrics = dict(_latest_metrics)
+    _latest_metrics.clear()
+    return metrics
+
+
+# Driver side: verl 0.9.1's colocated (naive) sync discards what the trainer workers return, so the
+# patched CheckpointEngineManager records it here and the step-metrics hook logs it.
+_driver_metrics: dict[str, float] = {}
+
+
+def record_worker_sync_results(results: Iterable[Any]) -> None:
+    """Keep the drafter metrics the trainer workers returned from one sync (the replica leaders
+    return them; every other rank returns nothing). One replica out of sync makes the step's 0."""
+    for result in results:
+        if isinstance(result, Mapping) and METRIC_IN_SYNC in result:
+            value = float(result[METRIC_IN_SYNC])
+            _driver_metrics[METRIC_IN_SYNC] = min(value, _driver_metrics.get(METRIC_IN_SYNC, value))
+
+
+def pop_driver_drafter_metrics() -> dict[str, float]:
+    """The drafter metrics of the syncs since the last call (driver), for the step's metrics."""
+    metrics = dict(_driver_metrics)
+    _driver_metrics.clear()
+    return metrics
 
 
 def _request_speculation_off(reason: str) -> str:
