@@ -381,17 +381,10 @@ def commit_mtp_manifest(manager, local_path: str) -> None:
         missing, mismatched = compare_tensors(expected, dist_ckpt_tensors(dist_dir))
         problems += [f"{k} (missing from {dist_dir})" for k in missing]
         problems += [f"{m} (in {dist_dir})" for m in mismatched]
-    if pending["saved_in"]["huggingface"] and getattr(manager, "peft_cls", None) is None:
-        # The export check of verl_mtp.models.export_check (also run by the mtp_complete_export
-        # patch right after the bridge writes); repeated here because the manifest vouches for the
-        # files. It reads safetensors headers only.
-        from verl_mtp.models.export_check import IncompleteMtpExportError, check_saved_hf_dir
-
-        hf_dir = os.path.join(local_path, pending["saved_in"]["huggingface"])
-        try:
-            check_saved_hf_dir(hf_dir, manager.model, manager.bridge, manager.hf_config)
-        except IncompleteMtpExportError as exc:
-            problems.append(str(exc))
+    if pending["saved_in"]["huggingface"]:
+        # Also run by the mtp_complete_export patch right after the bridge writes; repeated here
+        # because the manifest vouches for the files. It reads safetensors headers only.
+        problems += hf_export_problems(manager, os.path.join(local_path, pending["saved_in"]["huggingface"]))
     if problems:
         raise MtpCheckpointError(
             f"the checkpoint {local_path} lacks MTP tensor(s) the model has: {_shown(problems)}; "
