@@ -23,93 +23,51 @@ from verl_mtp.ckpt import (
     stitch_mtp,
 )
 from verl_mtp.models import FAMILIES, UnknownFamilyError, detect_family
+from verl_mtp.testing.tiny_hf import hf_tensor_shapes, tiny_config
 
 VERL_MTP = os.path.join(os.path.dirname(sys.executable), "verl-mtp")
-V, I = 32, 24  # vocabulary, MLP width
+V = 32  # vocabulary
 FAMILY_NAMES = [f.name for f in FAMILIES]
 TRUNK_LAYERS = {"mimo": 2, "deepseek_v3": 2, "glm4_moe": 3, "qwen3_next": 2, "qwen3_5": 2}
 DEPTH_KEY = {"mimo": "num_nextn_predict_layers", "deepseek_v3": "num_nextn_predict_layers",
              "glm4_moe": "num_nextn_predict_layers", "qwen3_next": "mtp_num_hidden_layers",
              "qwen3_5": "mtp_num_hidden_layers"}
+# The tiny_hf layout each family's checkpoints are written in (Qwen3.5 as its MoE variant).
+TINY = {"mimo": "mimo", "deepseek_v3": "deepseek_v3", "glm4_moe": "glm4_moe", "qwen3_next": "qwen3_next",
+        "qwen3_5": "qwen3_5_moe"}
 
 
 # --- tiny checkpoints -----------------------------------------------------------------------------
 
 
-def _layer(prefix, hidden, inter=I):
-    """A transformer layer's own tensors (attention, a two-expert MoE, norms)."""
-    return {
-        f"{prefix}input_layernorm.weight": ((hidden,), torch.float32),
-        f"{prefix}self_attn.q_proj.weight": ((hidden, hidden), torch.bfloat16),
-        f"{prefix}self_attn.o_proj.weight": ((hidden, hidden), torch.bfloat16),
-        f"{prefix}post_attention_layernorm.weight": ((hidden,), torch.float32),
-        f"{prefix}mlp.gate.weight": ((2, hidden), torch.float32),
-        **{
-            f"{prefix}mlp.experts.{e}.{p}.weight": ((inter, hidden), torch.bfloat16)
-            for e in (0, 1)
-            for p in ("gate_proj", "up_proj")
-        },
-    }
-
-
-def layout(family, hidden=16, depths=1, mtp=True, mtp_inter=I):
-    """(config, {name: (shape, dtype)}, set of MTP names) for a tiny checkpoint of ``family``."""
-    L = TRUNK_LAYERS[family]
-    lm = "model.language_model." if family == "qwen3_5" else "model."
-    specs = {f"{lm}embed_tokens.weight": ((V, hidden), torch.bfloat16)}
-    for j in range(L):
-        specs.update(_layer(f"{lm}layers.{j}.", hidden))
-    specs[f"{lm}norm.weight"] = ((hidden,), torch.float32)
-    specs["lm_head.weight"] = ((V, hidden), torch.bfloat16)
-    base = {"hidden_size": hidden, "num_hidden_layers": L, "vocab_size": V, DEPTH_KEY[family]: depths}
-    mtp_specs = {}
-    for i in range(depths):
-        if family == "mimo":
-            p = f"model.mtp_layers.{i}."
-            mtp_specs.update({
-                f"{p}token_layernorm.weight": ((hidden,), torch.float32),
-                f"{p}hidden_layernorm.weight": ((hidden,), torch.float32),
-                f"{p}input_proj.weight": ((hidden, 2 * hidden), torch.bfloat16),
-                f"{p}final_layernorm.weight": ((hidden,), torch.float32),
-                **_layer(p, hidden, mtp_inter),
-            })
-        elif family in ("deepseek_v3", "glm4_moe"):
-            p = f"model.layers.{L + i}."
-            mtp_specs.update({
-                f"{p}enorm.weight": ((hidden,), torch.float32),
-                f"{p}hnorm.weight": ((hidden,), torch.float32),
-                f"{p}eh_proj.weight": ((hidden, 2 * hidden), torch.bfloat16),
-                f"{p}shared_head.norm.weight": ((hidden,), torch.float32),
-                f"{p}shared_head.head.weight": ((V, hidden), torch.bfloat16),
-                f"{p}embed_tokens.weight": ((V, hidden), torch.bfloat16),
-                **_layer(p, hidden, mtp_inter),
-            })
-        else:
-            mtp_specs.update(_layer(f"mtp.layers.{i}.", hidden, mtp_inter))
-    if family in ("qwen3_next", "qwen3_5") and depths:
-        mtp_specs.update({
-            "mtp.fc.weight": ((hidden, 2 * hidden), torch.bfloat16),
-            "mtp.pre_fc_norm_embedding.weight": ((hidden,), torch.float32),
-            "mtp.pre_fc_norm_hidden.weight": ((hidden,), torch.float32),
-            "mtp.norm.weight": ((hidden,), torch.float32),
-        })
+def is_mtp_name(family, name, trunk_layers):
+    """Written out per family here (not with verl_mtp's naming), so the tests check the naming."""
     if family == "mimo":
-        config = {"architectures": ["MiMoForCausalLM"], "model_type": "mimo", **base}
-    elif family == "deepseek_v3":
-        config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **base}
-    elif family == "glm4_moe":
-        config = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", **base}
-    elif family == "qwen3_next":
-        config = {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", **base}
-    else:
-        specs["model.visual.patch_embed.proj.weight"] = ((hidden, 3 * 2 * 2), torch.bfloat16)
-        config = {
-            "architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
-            "text_config": {"model_type": "qwen3_5_moe_text", **base}, "vision_config": {"depth": 1},
-        }
-    if mtp:
-        specs.update(mtp_specs)
-    return config, specs, set(mtp_specs) if mtp else set()
+        return name.startswith("model.mtp_layers.")
+    if family in ("deepseek_v3", "glm4_moe"):
+        parts = name.split(".")
+        return name.startswith("model.layers.") and int(parts[2]) >= trunk_layers
+    return name.startswith("mtp.")
+
+
+def layout(family, hidden=16, depths=1, mtp=True, tiny=None, **config):
+    """(config, {name: (shape, dtype)}, set of MTP names) for a tiny checkpoint of ``family`` in
+    tiny_hf's layout of the real model (``tiny`` picks another tiny_hf variant; ``config``
+    overrides config.json keys, for Qwen3.5 those of its text_config)."""
+    L = config.pop("num_hidden_layers", TRUNK_LAYERS[family])
+    cfg = tiny_config(tiny or TINY[family], depths, hidden_size=hidden, vocab_size=V, num_hidden_layers=L, **config)
+    shapes = hf_tensor_shapes(cfg)
+    if family == "qwen3_5":
+        shapes["model.visual.patch_embed.proj.weight"] = (hidden, 3 * 2 * 2)
+    specs = {n: (shape, torch.float32 if len(shape) == 1 else torch.bfloat16) for n, shape in shapes.items()}
+    mtp_names = {n for n in specs if is_mtp_name(family, n, L)}
+    if not mtp:
+        specs = {n: v for n, v in specs.items() if n not in mtp_names}
+        mtp_names = set()
+    public = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if "text_config" in public:
+        public["text_config"] = {k: v for k, v in public["text_config"].items() if not k.startswith("_")}
+    return public, specs, mtp_names
 
 
 def make_tensors(specs, seed):
@@ -148,14 +106,26 @@ def write_ckpt(path, config, tensors, mtp_names, shards=3, spread_mtp=False, dro
 
 
 def build(tmp_path, name, family, seed=0, **kw):
-    """Write a checkpoint; returns (path, tensors, mtp_names)."""
+    """Write a checkpoint; returns (path, tensors, mtp_names). ``drop``: names left out;
+    ``reshape`` / ``add``: {name: shape} changed or added (MTP names); ``mtp_dtype``: the head's dtype."""
     shards = kw.pop("shards", 3)
     spread = kw.pop("spread_mtp", False)
     drop = kw.pop("drop", ())
     config_edit = kw.pop("config_edit", None)
+    reshape = kw.pop("reshape", {})
+    add = kw.pop("add", {})
+    mtp_dtype = kw.pop("mtp_dtype", None)
     config, specs, mtp_names = layout(family, **kw)
     if config_edit:
         config_edit(config)
+    for n, shape in reshape.items():
+        assert n in specs, n
+        specs[n] = (shape, specs[n][1])
+    for n, shape in add.items():
+        specs[n] = (shape, torch.float32 if len(shape) <= 1 else torch.bfloat16)
+        mtp_names = mtp_names | {n}
+    if mtp_dtype is not None:
+        specs = {n: (shape, mtp_dtype if n in mtp_names else dt) for n, (shape, dt) in specs.items()}
     tensors = make_tensors(specs, seed)
     path = write_ckpt(tmp_path / name, config, tensors, mtp_names, shards=shards, spread_mtp=spread, drop=drop)
     return path, {n: t for n, t in tensors.items() if n not in drop}, mtp_names - set(drop)
@@ -260,7 +230,10 @@ def test_inspect_single_file_and_cli_json(tmp_path, capsys):
     assert report["complete"] and report["shards"] == ["model.safetensors"]
     assert {r["name"] for r in report["groups"]["0"]} == mtp_names
     code, out, _ = run_cli(capsys, "inspect", path)
-    assert code == 0 and "complete     yes" in out and "model.mtp_layers.0.mlp.experts.{0..1}.gate_proj.weight" in out
+    assert code == 0 and "complete     yes" in out and "model.mtp_layers.0.mlp.gate_proj.weight" in out
+    glm, _, _ = build(tmp_path, "glm", "glm4_moe", shards=1)
+    code, out, _ = run_cli(capsys, "inspect", glm)
+    assert code == 0 and "model.layers.3.mlp.experts.{0..3}.gate_proj.weight  [16, 16] BF16  x4" in out
 
 
 def test_inspect_deleted_mtp_tensor_console_script(tmp_path):
@@ -387,11 +360,17 @@ def test_stitch_from_extract_output_and_single_file(tmp_path):
 
 def test_stitch_refuses_shape_mismatch_and_wrong_family(tmp_path, capsys):
     verifier, _, _ = build(tmp_path, "verifier", "deepseek_v3", seed=1)
-    donor, _, _ = build(tmp_path, "donor", "deepseek_v3", seed=2, mtp_inter=20)
+    # A donor complete for its own config.json, whose experts do not fit VERIFIER's.
+    donor, _, _ = build(tmp_path, "donor", "deepseek_v3", seed=2, moe_intermediate_size=20)
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "stitch", verifier, donor, out)
-    assert code == 2 and "refusing to stitch" in err
-    assert "model.layers.2.mlp.experts.0.gate_proj.weight: VERIFIER [24, 16] BF16 vs DONOR [20, 16] BF16" in err
+    assert code == 2 and "refusing to stitch" in err and "for VERIFIER's config.json" in err
+    assert "misshapen model.layers.2.mlp.experts.{0..3}.gate_proj.weight [20, 16], expected [16, 16]" in err
+    # Same shapes, another dtype: the pairwise comparison.
+    donor32, _, _ = build(tmp_path, "donor32", "deepseek_v3", seed=2, mtp_dtype=torch.float32)
+    code, _, err = run_cli(capsys, "stitch", verifier, donor32, out)
+    assert code == 2 and "the MTP tensors of VERIFIER and DONOR differ" in err
+    assert "model.layers.2.mlp.experts.0.gate_proj.weight: VERIFIER [16, 16] BF16 vs DONOR [16, 16] F32" in err
     glm, _, _ = build(tmp_path, "glm", "glm4_moe", seed=2)
     with pytest.raises(CkptError, match="VERIFIER is DeepSeek-V3 .* but DONOR is GLM-4.5"):
         stitch_mtp(verifier, glm, str(out))
@@ -509,7 +488,7 @@ def test_graft_refuses_hidden_size_mismatch(tmp_path, capsys):
     assert code == 2 and "refusing to graft" in err
     assert "hidden size / vocabulary differ: BASE model.embed_tokens.weight [32, 16] vs RL" in err
     assert "RL model.embed_tokens.weight [32, 24]" in err
-    assert "does not fit RL's hidden size 24" in err
+    assert "for RL's config.json: misshapen model.mtp_layers.0.input_proj.weight [16, 32], expected [24, 48]" in err
     assert not os.path.exists(tmp_path / "out")
     other, _, _ = build(tmp_path, "other", "glm4_moe", seed=2)
     with pytest.raises(CkptError, match="expected the same family"):
@@ -545,3 +524,266 @@ def test_graft_into_a_partial_head_replaces_and_adds(tmp_path):
     assert set(got) == set(r_tensors) | mtp_names
     for n, t in got.items():
         assert same_bits(t, b_tensors[n] if n in mtp_names else r_tensors[n]), n
+
+
+# --- the whole head: every tensor and shape config.json calls for --------------------------------
+
+# (family, tiny_hf variant, MTP tensor of depth 0 left out, what it is); "mtp." names are the
+# shared Qwen tensors, the rest is below the depth's own prefix.
+MISSING_CASES = [
+    ("mimo", None, "self_attn.q_proj.weight", "attention"),
+    ("mimo", None, "self_attn.k_proj.bias", "attention bias"),
+    ("mimo", None, "mlp.up_proj.weight", "MLP"),
+    ("mimo", None, "post_attention_layernorm.weight", "norm"),
+    ("mimo", None, "token_layernorm.weight", "fusion norm"),
+    ("mimo", None, "input_proj.weight", "projection"),
+    ("deepseek_v3", None, "self_attn.kv_b_proj.weight", "MLA attention"),
+    ("deepseek_v3", None, "self_attn.q_a_layernorm.weight", "MLA norm"),
+    ("deepseek_v3", None, "mlp.experts.1.down_proj.weight", "routed expert"),
+    ("deepseek_v3", None, "mlp.shared_experts.up_proj.weight", "shared expert"),
+    ("deepseek_v3", None, "mlp.gate.e_score_correction_bias", "router bias"),
+    ("deepseek_v3", None, "hnorm.weight", "fusion norm"),
+    ("deepseek_v3", None, "eh_proj.weight", "projection"),
+    ("deepseek_v3", None, "shared_head.head.weight", "shared head"),
+    ("deepseek_v3", None, "embed_tokens.weight", "embedding copy"),
+    ("glm4_moe", None, "self_attn.v_proj.bias", "attention bias"),
+    ("glm4_moe", None, "mlp.experts.3.gate_proj.weight", "routed expert"),
+    ("glm4_moe", None, "mlp.gate.weight", "router"),
+    ("glm4_moe", None, "input_layernorm.weight", "norm"),
+    ("glm4_moe", None, "shared_head.norm.weight", "shared head norm"),
+    ("glm4_moe", None, "eh_proj.weight", "projection"),
+    ("qwen3_next", None, "self_attn.q_norm.weight", "attention norm"),
+    ("qwen3_next", None, "mlp.experts.0.up_proj.weight", "routed expert"),
+    ("qwen3_next", None, "mlp.shared_expert_gate.weight", "shared expert gate"),
+    ("qwen3_next", None, "post_attention_layernorm.weight", "norm"),
+    ("qwen3_next", None, "mtp.pre_fc_norm_hidden.weight", "fusion norm"),
+    ("qwen3_next", None, "mtp.fc.weight", "projection"),
+    ("qwen3_5", None, "self_attn.o_proj.weight", "attention"),
+    ("qwen3_5", None, "mlp.shared_expert.down_proj.weight", "shared expert"),
+    ("qwen3_5", None, "mlp.experts.2.down_proj.weight", "routed expert"),
+    ("qwen3_5", None, "mtp.norm.weight", "final norm"),
+    ("qwen3_5", None, "mtp.fc.weight", "projection"),
+    ("qwen3_5", "qwen3_5", "mlp.down_proj.weight", "dense MLP"),
+    ("qwen3_5", "qwen3_5", "self_attn.k_proj.weight", "attention"),
+]
+
+
+def depth0_name(family, rest, trunk_layers=None):
+    L = TRUNK_LAYERS[family] if trunk_layers is None else trunk_layers
+    if rest.startswith("mtp."):
+        return rest
+    return {"mimo": f"model.mtp_layers.0.{rest}", "deepseek_v3": f"model.layers.{L}.{rest}",
+            "glm4_moe": f"model.layers.{L}.{rest}"}.get(family, f"mtp.layers.0.{rest}")
+
+
+def assert_refused(capsys, tmp_path, family, broken, tiny, entry):
+    """stitch and graft (API and CLI) refuse ``broken``'s head, naming ``entry``; the flag lets graft
+    through and carries the head as it is."""
+    verifier, _, _ = build(tmp_path, "verifier", family, seed=3, tiny=tiny)
+    rl, r_tensors, _ = build(tmp_path, "rl", family, seed=4, tiny=tiny, mtp=False, shards=2)
+    for command, args in (("stitch", (verifier, broken)), ("graft", (broken, rl))):
+        code, _, err = run_cli(capsys, command, *args, tmp_path / "out")
+        assert code == 2, (command, err)
+        assert f"refusing to {command}" in err and entry in err and "--allow-incomplete-head" in err, err
+        assert not os.path.exists(tmp_path / "out")
+    with pytest.raises(CkptError, match="refusing to graft"):
+        graft_mtp(broken, rl, str(tmp_path / "out"))
+    code, text, err = run_cli(capsys, "graft", broken, rl, tmp_path / "out", "--allow-incomplete-head", "--json")
+    assert code == 0, err
+    result = json.loads(text)
+    assert any("carried as it is" in note and entry in note for note in result["notes"]), result["notes"]
+    got = load_all(str(tmp_path / "out"))
+    broken_tensors = load_all(broken)
+    for n, t in broken_tensors.items():
+        if n not in r_tensors:
+            assert same_bits(got[n], t), n
+    assert not inspect_checkpoint(str(tmp_path / "out")).complete
+
+
+@pytest.mark.parametrize("family,tiny,rest,kind", MISSING_CASES, ids=[f"{c[0]}{'-' + c[1] if c[1] else ''}-{c[3]}" for c in MISSING_CASES])
+def test_head_missing_a_tensor_is_reported_and_refused(tmp_path, capsys, family, tiny, rest, kind):
+    name = depth0_name(family, rest)
+    path, _, _ = build(tmp_path, "broken", family, tiny=tiny, drop=(name,))
+    report = inspect_checkpoint(path)
+    assert not report.complete and report.missing == [name], (kind, report.missing)
+    assert not report.misshapen and not report.unexpected
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 1 and "complete     NO" in out and f"missing     {name}" in out
+    assert_refused(capsys, tmp_path, family, path, tiny, f"missing {name}")
+
+
+# (family, MTP tensor of depth 0, wrong shape, the shape config.json calls for)
+MISSHAPEN_CASES = [
+    ("mimo", "input_proj.weight", (16, 16), (16, 32)),
+    ("mimo", "self_attn.q_proj.bias", (8,), (16,)),
+    ("deepseek_v3", "self_attn.q_b_proj.weight", (32, 16), (48, 16)),
+    ("deepseek_v3", "mlp.experts.0.gate_proj.weight", (24, 16), (16, 16)),
+    ("deepseek_v3", "shared_head.head.weight", (40, 16), (32, 16)),
+    ("glm4_moe", "self_attn.k_proj.weight", (32, 16), (16, 16)),
+    ("glm4_moe", "mlp.gate.e_score_correction_bias", (3,), (4,)),
+    ("qwen3_next", "self_attn.q_proj.weight", (32, 16), (64, 16)),
+    ("qwen3_next", "mtp.fc.weight", (16, 16), (16, 32)),
+    ("qwen3_5", "mlp.shared_expert.gate_proj.weight", (8, 16), (16, 16)),
+    ("qwen3_5", "mtp.pre_fc_norm_embedding.weight", (8,), (16,)),
+]
+
+
+@pytest.mark.parametrize("family,rest,wrong,right", MISSHAPEN_CASES, ids=[f"{c[0]}-{c[1]}" for c in MISSHAPEN_CASES])
+def test_misshapen_head_tensor_is_reported_and_refused(tmp_path, capsys, family, rest, wrong, right):
+    name = depth0_name(family, rest)
+    path, _, _ = build(tmp_path, "broken", family, reshape={name: wrong})
+    report = inspect_checkpoint(path)
+    entry = f"{name} {list(wrong)}, expected {list(right)}"
+    assert not report.complete and report.misshapen == [entry] and not report.missing
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 1 and f"misshapen   {entry}" in out
+    assert_refused(capsys, tmp_path, family, path, None, f"misshapen {entry}")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_unexpected_tensor_in_a_depth_is_reported(tmp_path, capsys, family):
+    name = depth0_name(family, "self_attn.rogue_proj.weight")
+    path, _, _ = build(tmp_path, "broken", family, add={name: (16, 16)})
+    report = inspect_checkpoint(path)
+    assert not report.complete and report.unexpected == [name] and not report.missing
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 1 and f"unexpected  {name} (not part of a" in out
+    with pytest.raises(CkptError, match=f"unexpected {name}"):
+        extract_mtp(path, str(tmp_path / "head"))
+    extract_mtp(path, str(tmp_path / "head"), allow_incomplete_head=True)
+    assert name in load_all(str(tmp_path / "head"))
+
+
+@pytest.mark.parametrize("family,tiny,extra", [
+    ("mimo", None, {}),
+    ("deepseek_v3", None, {}),
+    ("deepseek_v3", None, {"q_lora_rank": None}),
+    ("glm4_moe", None, {}),
+    ("glm4_moe", None, {"use_qk_norm": True, "attention_bias": False, "_mtp_trunk_copies": True}),
+    ("qwen3_next", None, {}),
+    ("qwen3_next", None, {"decoder_sparse_step": 2}),
+    ("qwen3_5", None, {}),
+    ("qwen3_5", None, {"_fused_experts": True}),
+    ("qwen3_5", "qwen3_5", {}),
+])
+def test_complete_head_of_every_layout_is_complete(tmp_path, capsys, family, tiny, extra):
+    path, _, mtp_names = build(tmp_path, "ckpt", family, tiny=tiny, depths=2, **extra)
+    report = inspect_checkpoint(path)
+    assert report.complete, (report.missing, report.misshapen, report.unexpected, report.config_problems)
+    assert {row["name"] for rows in report.groups.values() for row in rows} == mtp_names
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 0 and "complete     yes: every declared depth has every tensor" in out
+    extract_mtp(path, str(tmp_path / "head"))
+    stitch_mtp(path, str(tmp_path / "head"), str(tmp_path / "out"))
+
+
+def test_qwen_fused_and_per_expert_layouts_do_not_mix(tmp_path):
+    config, specs, _ = layout("qwen3_5", _fused_experts=True)
+    fused = {n: shape for n, (shape, _) in specs.items() if n.startswith("mtp.layers.0.mlp.experts.")}
+    assert set(fused) == {"mtp.layers.0.mlp.experts.gate_up_proj", "mtp.layers.0.mlp.experts.down_proj"}
+    # Fused experts plus one leftover per-expert tensor: the leftover is unexpected.
+    path, _, _ = build(tmp_path, "mixed", "qwen3_5", _fused_experts=True,
+                       add={"mtp.layers.0.mlp.experts.0.up_proj.weight": (16, 16)})
+    report = inspect_checkpoint(path)
+    assert report.unexpected == ["mtp.layers.0.mlp.experts.0.up_proj.weight"] and not report.missing
+    path, _, _ = build(tmp_path, "wrong", "qwen3_5", _fused_experts=True,
+                       reshape={"mtp.layers.0.mlp.experts.down_proj": (4, 16, 8)})
+    assert inspect_checkpoint(path).misshapen == ["mtp.layers.0.mlp.experts.down_proj [4, 16, 8], expected [4, 16, 16]"]
+
+
+def test_glm_trunk_copies_are_optional_but_checked(tmp_path):
+    path, _, mtp_names = build(tmp_path, "without", "glm4_moe")
+    assert inspect_checkpoint(path).complete and not any("shared_head.head" in n for n in mtp_names)
+    path, _, _ = build(tmp_path, "wrong", "glm4_moe", _mtp_trunk_copies=True,
+                       reshape={"model.layers.3.shared_head.head.weight": (31, 16)})
+    assert inspect_checkpoint(path).misshapen == ["model.layers.3.shared_head.head.weight [31, 16], expected [32, 16]"]
+
+
+def test_deepseek_layer_61_with_8_of_its_32_tensors(tmp_path, capsys):
+    """The issue's case: a real trunk depth (61 layers), an MTP layer holding only 8 tensors."""
+    config, specs, mtp_names = layout("deepseek_v3", num_hidden_layers=61)
+    assert len(mtp_names) == 32 and all(n.startswith("model.layers.61.") for n in mtp_names)
+    # What the old core-name check needed and more: the fusion tensors, the copies, the layer norms.
+    kept = [f"model.layers.61.{rest}" for rest in (
+        "enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "shared_head.head.weight",
+        "embed_tokens.weight", "input_layernorm.weight", "post_attention_layernorm.weight")]
+    assert set(kept) <= mtp_names
+    tensors = make_tensors({n: v for n, v in specs.items() if n not in mtp_names or n in kept}, 0)
+    path = write_ckpt(tmp_path / "ckpt", config, tensors, set(kept), shards=2)
+    report = inspect_checkpoint(path)
+    assert not report.complete and len(report.missing) == 24
+    assert sorted(report.missing + kept) == sorted(mtp_names)
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 1 and "missing     model.layers.61.mlp.experts.{0..3}.down_proj.weight" in out
+    assert "missing     model.layers.61.self_attn.kv_b_proj.weight" in out
+    assert "missing     model.layers.61.mlp.gate.e_score_correction_bias" in out
+
+
+def test_fp8_scale_tensors_are_accepted_and_checked(tmp_path):
+    """DeepSeek-V3's released FP8 layout: a ``weight_scale_inv`` per quantized linear weight,
+    ceil(out / 128) x ceil(in / 128) blocks; eh_proj, norms and the router stay unquantized."""
+    def fp8(config):
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [8, 8]}
+
+    scales = {"model.layers.2.self_attn.q_b_proj.weight_scale_inv": (6, 2),
+              "model.layers.2.mlp.experts.0.down_proj.weight_scale_inv": (2, 2)}
+    path, _, _ = build(tmp_path, "fp8", "deepseek_v3", config_edit=fp8, add=scales)
+    report = inspect_checkpoint(path)
+    assert report.complete, (report.missing, report.misshapen, report.unexpected)
+    bad = dict(scales, **{"model.layers.2.self_attn.o_proj.weight_scale_inv": (3, 3)})
+    path, _, _ = build(tmp_path, "bad", "deepseek_v3", config_edit=fp8, add=bad)
+    assert inspect_checkpoint(path).misshapen == [
+        "model.layers.2.self_attn.o_proj.weight_scale_inv [3, 3], expected [2, 4] (weight [16, 32] in blocks of [8, 8])"
+    ]
+    # Without a quantization_config a scale tensor is not part of the head.
+    path, _, _ = build(tmp_path, "plain", "deepseek_v3", add=scales)
+    assert sorted(inspect_checkpoint(path).unexpected) == sorted(scales)
+
+
+def test_config_without_the_sizes_the_head_needs(tmp_path, capsys):
+    path, _, _ = build(tmp_path, "ckpt", "glm4_moe", config_edit=lambda c: c.pop("num_key_value_heads"))
+    report = inspect_checkpoint(path)
+    assert not report.complete and not report.misshapen
+    assert report.config_problems == [
+        "config.json has no num_key_value_heads, which the GLM-4.5 MTP layer's shapes need"
+    ]
+    code, out, _ = run_cli(capsys, "inspect", path)
+    assert code == 1 and "config      config.json has no num_key_value_heads" in out
+    code, _, err = run_cli(capsys, "graft", path, path, tmp_path / "out")
+    assert code == 2 and "num_key_value_heads" in err
+
+
+# --- a stale model.safetensors.index.json next to model.safetensors -------------------------------
+
+
+def _add_index(path, weight_map):
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def test_single_file_with_a_stale_index_is_refused(tmp_path, capsys):
+    path, tensors, _ = build(tmp_path, "single", "mimo", shards=1)
+    # An index left from an older sharded save: its shards are gone.
+    _add_index(path, {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(sorted(tensors))})
+    code, _, err = run_cli(capsys, "inspect", path)
+    assert code == 2
+    assert "both model.safetensors and model.safetensors.index.json" in err
+    assert "model-00001-of-00002.safetensors" in err and "2 of them missing" in err
+    assert "remove the stale one" in err
+    with pytest.raises(CkptError, match="both model.safetensors and model.safetensors.index.json"):
+        graft_mtp(path, path, str(tmp_path / "out"))
+
+
+def test_sharded_checkpoint_with_a_stray_single_file_is_refused(tmp_path):
+    path, tensors, _ = build(tmp_path, "sharded", "glm4_moe", shards=2)
+    save_file({"x": torch.zeros(1)}, os.path.join(path, "model.safetensors"))
+    with pytest.raises(CkptError, match=r"both model\.safetensors and model\.safetensors\.index\.json.*"
+                                        r"model-00001-of-00002\.safetensors.*not to model\.safetensors"):
+        open_checkpoint(path)
+
+
+def test_index_that_names_the_single_file_is_consistent(tmp_path):
+    path, tensors, _ = build(tmp_path, "single", "qwen3_next", shards=1)
+    _add_index(path, {n: "model.safetensors" for n in tensors})
+    report = inspect_checkpoint(path)
+    assert report.complete and report.shards == ["model.safetensors"]

@@ -5,6 +5,66 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Distributions whose versions `--version` reports, read from their metadata (importing them
+# would cost seconds and, for verl, load the plugin).
+_VERSION_OF = ("verl", "megatron-core", "torch")
+_REGIMES_HELP = "comma-separated MTP regimes (default: all but none)"
+
+
+def _version_text() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from verl_mtp.version import __version__
+
+    lines = [f"verl-mtp {__version__}"]
+    for dist in _VERSION_OF:
+        try:
+            found = version(dist)
+        except PackageNotFoundError:
+            found = "not installed"
+        lines.append(f"  {dist} {found}")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version_text())
+        parser.exit()
+
+
+class _DemoHelpAction(argparse.Action):
+    """``demo --help``: name the regimes, which needs verl_mtp.demo (and so torch) only now."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from verl_mtp.demo import DEFAULT_REGIMES, REGIMES
+
+        for action in parser._actions:
+            if "--regimes" in action.option_strings:
+                action.help = (
+                    f"comma-separated, from {', '.join(REGIMES)} (none = a model without MTP head, for "
+                    f"reference; default {','.join(DEFAULT_REGIMES)})"
+                )
+        parser.print_help()
+        parser.exit()
+
+
+def _usage_error(parser: argparse.ArgumentParser):
+    """A command group called without its subcommand: its help on stderr, exit 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        commands = [name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices]
+        parser.print_help(sys.stderr)
+        print(f"\n{parser.prog}: error: a command is required: one of {', '.join(commands)}", file=sys.stderr)
+        return 2
+
+    return run
+
 
 def _explain(args: argparse.Namespace) -> int:
     from hydra.errors import HydraException
@@ -27,11 +87,12 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from verl_mtp.demo import DemoOptions, run_demo
+    from verl_mtp.demo import DEFAULT_REGIMES, DemoOptions, run_demo
 
+    regimes = DEFAULT_REGIMES if args.regimes is None else tuple(r for r in args.regimes.split(",") if r)
     try:
         options = DemoOptions(
-            steps=args.steps, regimes=tuple(r for r in args.regimes.split(",") if r), seed=args.seed,
+            steps=args.steps, regimes=regimes, seed=args.seed,
             out_dir=args.out, warmup_steps=args.warmup_steps, figure=not args.no_figure,
         )
     except ValueError as exc:
@@ -57,11 +118,14 @@ def _ckpt(args: argparse.Namespace) -> int:
                 max_shard = ckpt.parse_size(args.max_shard_size)
             except ValueError as exc:
                 raise ckpt.CkptError(f"--max-shard-size {exc}") from exc
-            result = ckpt.extract_mtp(args.src, args.out, overwrite=args.overwrite, max_shard_bytes=max_shard)
+            result = ckpt.extract_mtp(args.src, args.out, overwrite=args.overwrite, max_shard_bytes=max_shard,
+                                      allow_incomplete_head=args.allow_incomplete_head)
         elif args.ckpt_command == "stitch":
-            result = ckpt.stitch_mtp(args.verifier, args.donor, args.out, overwrite=args.overwrite, link=args.link)
+            result = ckpt.stitch_mtp(args.verifier, args.donor, args.out, overwrite=args.overwrite, link=args.link,
+                                     allow_incomplete_head=args.allow_incomplete_head)
         else:
-            result = ckpt.graft_mtp(args.base, args.rl, args.out, overwrite=args.overwrite, link=args.link)
+            result = ckpt.graft_mtp(args.base, args.rl, args.out, overwrite=args.overwrite, link=args.link,
+                                    allow_incomplete_head=args.allow_incomplete_head)
     except ckpt.CkptError as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
@@ -79,12 +143,16 @@ def _add_ckpt_parser(sub) -> None:
         description="Tools for the MTP head of Hugging Face safetensors checkpoints (MiMo, DeepSeek-V3, GLM-4.5, "
         "Qwen3-Next, Qwen3.5). They read shard headers and stream tensors; outputs appear only when complete.",
     )
-    cmds = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    cmds = ckpt.add_subparsers(dest="ckpt_command", metavar="{inspect,extract,stitch,graft}")
+    ckpt.set_defaults(func=_usage_error(ckpt))
 
     def common(p, writes=True):
         p.add_argument("--json", action="store_true", help="print the report as JSON")
         if writes:
             p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+            p.add_argument("--allow-incomplete-head", action="store_true",
+                           help="carry an MTP head with missing, unexpected or misshapen tensors as it is "
+                           "(refused otherwise; `inspect` lists the problems)")
 
     inspect = cmds.add_parser(
         "inspect", help="list the MTP tensors and check the head is complete",
@@ -125,7 +193,8 @@ def _add_ckpt_parser(sub) -> None:
     graft.add_argument("out")
     graft.add_argument("--link", action="store_true", help="hard-link unchanged shards instead of copying them")
     common(graft)
-    ckpt.set_defaults(func=_ckpt)
+    for p in (inspect, extract, stitch, graft):
+        p.set_defaults(func=_ckpt)
 
 
 def _accept_eval(args: argparse.Namespace) -> int:
@@ -179,10 +248,15 @@ def _add_accept_eval_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Only cheap modules here: `--help`, `--version` and `ckpt` must not pay for verl/torch/ray.
+    # Each subcommand imports what it needs when it runs.
     from verl_mtp.explain import WRAPPER_CONFIG_NAME
 
     parser = argparse.ArgumentParser(prog="verl-mtp", description="Multi-Token-Prediction for RL with verl.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of verl-mtp, verl, "
+                        "megatron-core and torch, and exit")
+    sub = parser.add_subparsers(dest="command", metavar="{explain,demo,ckpt,accept-eval}")
+    parser.set_defaults(func=_usage_error(parser))
     explain = sub.add_parser(
         "explain",
         help="validate a run's MTP settings and print the resolved plan",
@@ -199,20 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print the plan as JSON")
     explain.set_defaults(func=_explain)
 
-    from verl_mtp.demo import DEFAULT_REGIMES, REGIMES
-
     demo = sub.add_parser(
         "demo",
         help="run the MTP regimes side by side on a small CPU RL task",
         description="A tiny megatron-core GPT with an MTP head learns to continue digit patterns with "
         "GRPO (verl's advantages, verl's actor loss with verl-mtp's MTP term), once per MTP regime, "
         "from the same warmed-up weights and seeds. Writes metrics.jsonl, summary.json and demo.png.",
+        add_help=False,
     )
+    demo.add_argument("-h", "--help", action=_DemoHelpAction, help="show this help message and exit")
     demo.add_argument("--steps", type=int, default=50, help="RL steps per regime (default 50)")
-    demo.add_argument(
-        "--regimes", default=",".join(DEFAULT_REGIMES),
-        help=f"comma-separated, from {', '.join(REGIMES)} (none = a model without MTP head, for reference)",
-    )
+    # The regime names live in verl_mtp.demo, which imports torch: the default is filled in by
+    # _demo and the choices are added to this help only when `demo --help` asks for it.
+    demo.add_argument("--regimes", default=None, help=_REGIMES_HELP)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="verl_mtp_demo", help="output directory (default ./verl_mtp_demo)")
     demo.add_argument("--warmup-steps", type=int, default=20, help="supervised warm-up steps (default 20)")

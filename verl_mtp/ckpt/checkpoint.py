@@ -18,6 +18,7 @@ from verl_mtp.models import (
     mtp_depths,
     text_config,
 )
+from verl_mtp.models.head_spec import HeadCheck, check_head, head_spec
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -72,14 +73,15 @@ class HFCheckpoint:
 
 
 def _read_config(path: str, role: str) -> dict:
-    from verl_mtp.config import read_local_hf_config
-
+    # Plain json: reading a checkpoint must not import verl (``verl-mtp ckpt`` starts fast).
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise CkptError(f"{role} {path} has no config.json; expected a Hugging Face checkpoint directory")
     try:
-        config = read_local_hf_config(path)
+        with open(file) as f:
+            config = json.load(f)
     except (OSError, ValueError) as exc:
         raise CkptError(f"{role} {path}/config.json is unreadable: {exc}; expected a JSON object") from exc
-    if config is None:
-        raise CkptError(f"{role} {path} has no config.json; expected a Hugging Face checkpoint directory")
     if not isinstance(config, dict):
         raise CkptError(f"{role} {path}/config.json is not a JSON object")
     return config
@@ -109,6 +111,7 @@ def open_checkpoint(path: str, role: str = "checkpoint") -> HFCheckpoint:
 
     index_path = os.path.join(path, INDEX_NAME)
     index: Optional[dict] = None
+    has_single = os.path.isfile(os.path.join(path, SINGLE_NAME))
     if os.path.isfile(index_path):
         try:
             with open(index_path) as f:
@@ -119,12 +122,14 @@ def open_checkpoint(path: str, role: str = "checkpoint") -> HFCheckpoint:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CkptError(f'{label}: {INDEX_NAME} has no "weight_map" object of tensor name -> shard file')
         shards = sorted(set(weight_map.values()))
+        if has_single and shards != [SINGLE_NAME]:
+            raise CkptError(_stale_index_message(label, shards, path))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
             raise CkptError(
                 f"{label}: shard file(s) named in {INDEX_NAME} are missing: {', '.join(missing)}"
             )
-    elif os.path.isfile(os.path.join(path, SINGLE_NAME)):
+    elif has_single:
         weight_map = None
         shards = [SINGLE_NAME]
     else:
@@ -175,24 +180,35 @@ def open_checkpoint(path: str, role: str = "checkpoint") -> HFCheckpoint:
     )
 
 
-def completeness(ckpt: HFCheckpoint) -> tuple[list[str], list[str]]:
-    """(missing, unexpected): core MTP tensors the declared depths lack, and MTP tensors beyond
-    the declared depth count."""
-    naming, depths = ckpt.naming, ckpt.depths
-    missing: list[str] = []
-    if depths == 0:
-        missing.append(
-            f"an MTP depth count: config.json declares none ({ckpt.family.depth_key} > 0, "
-            f"also accepted under text_config)"
-        )
-    for key in naming.required_keys():
-        if key not in ckpt.mtp:
-            missing.append(naming.name(key))
-    if not ckpt.family.core:  # no per-depth core names: a depth needs at least one tensor of its own
-        for depth in range(depths):
-            if not any(k[0] == depth for k in ckpt.mtp):
-                missing.append(naming.name((depth, "*")))
-    unexpected = sorted(
-        name for (depth, _), name in ckpt.mtp.items() if (depth is None and depths == 0) or (depth or 0) >= depths
+def _stale_index_message(label: str, shards: list[str], path: str) -> str:
+    absent = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+    shown = ", ".join(shards[:4]) + (f" and {len(shards) - 4} more" if len(shards) > 4 else "")
+    detail = f"{INDEX_NAME} maps the weights to {shown}"
+    if absent:
+        detail += f" ({len(absent)} of them missing: {', '.join(absent[:4])})"
+    return (
+        f"{label} holds both {SINGLE_NAME} and {INDEX_NAME}, and {detail}, not to {SINGLE_NAME}. Loaders "
+        f"disagree on which one wins (transformers reads {SINGLE_NAME}, vLLM follows the index), so which "
+        f"weights this checkpoint has is ambiguous; remove the stale one of the two files"
     )
-    return missing, unexpected
+
+
+def mtp_shapes(ckpt: HFCheckpoint) -> dict[MtpKey, tuple[int, ...]]:
+    return {key: ckpt.tensors[name].shape for key, name in ckpt.mtp.items()}
+
+
+def head_check(ckpt: HFCheckpoint, config: Optional[dict] = None, depths: Optional[int] = None) -> HeadCheck:
+    """The whole-head check (``verl_mtp.models.head_spec``) of ``ckpt``'s MTP tensors against the
+    head ``config`` (default: the checkpoint's own config.json) calls for with ``depths`` depths
+    (default: the checkpoint's declared count)."""
+    config = ckpt.config if config is None else config
+    depths = ckpt.depths if depths is None else depths
+    spec = head_spec(ckpt.family, config, depths)
+    return check_head(spec, ckpt.naming, mtp_shapes(ckpt))
+
+
+def completeness(ckpt: HFCheckpoint) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) of the whole-head check: config problems and missing tensors, then
+    tensors the head should not have (beyond the declared depths included); shapes are not in it."""
+    check = head_check(ckpt)
+    return check.config + check.missing, check.unexpected

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from verl_mtp.ckpt.checkpoint import INDEX_NAME, SINGLE_NAME, CkptError, HFCheckpoint, completeness, open_checkpoint
+from verl_mtp.ckpt.checkpoint import INDEX_NAME, SINGLE_NAME, CkptError, HFCheckpoint, head_check, open_checkpoint
 from verl_mtp.ckpt.files import (
     OWNER_MARKER,
     TensorEntry,
@@ -23,10 +23,12 @@ from verl_mtp.ckpt.files import (
     write_safetensors,
 )
 from verl_mtp.models import MtpKey, with_depths
+from verl_mtp.models.head_spec import HeadCheck, fold_expert_names
 
 EXTRACT_INFO_NAME = "mtp_extract.json"
 GRAFT_SHARD_NAME = "model-mtp.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # the transformers default, "5GB"
+ALLOW_INCOMPLETE_FLAG = "--allow-incomplete-head"
 NEW_SHARD_METADATA = {"format": "pt"}
 
 
@@ -82,6 +84,10 @@ class InspectReport:
     complete: bool
     missing: list[str]
     unexpected: list[str]
+    misshapen: list[str]  # "name [shape], expected [shape]"
+    config_problems: list[str]  # config.json values the head's layout could not be derived from
+    problems_by_depth: dict[str, dict[str, list[str]]]  # "shared" / "0" / ... / "beyond" -> kind -> entries
+    beyond_depths: list[str]
     mtp_tensors: int
     mtp_bytes: int
     groups: dict[str, list[dict]]  # "shared" / "0" / "1" ... -> tensor rows
@@ -98,7 +104,7 @@ def _group_label(depth: Optional[int]) -> str:
 
 
 def inspect_loaded(ckpt: HFCheckpoint) -> InspectReport:
-    missing, unexpected = completeness(ckpt)
+    check = head_check(ckpt)
     groups: dict[str, list[dict]] = {}
     for key in sorted(ckpt.mtp, key=_key_order):
         groups.setdefault(_group_label(key[0]), []).append(_tensor_row(ckpt, ckpt.mtp[key]))
@@ -112,11 +118,13 @@ def inspect_loaded(ckpt: HFCheckpoint) -> InspectReport:
         warnings.append(note)
     if ckpt.embedding() is None:
         warnings.append("no token embedding (...embed_tokens.weight) outside the MTP head; a drafter needs one")
+    warnings += check.notes
     return InspectReport(
         path=ckpt.path, family=ckpt.family.name, family_title=ckpt.family.title,
         model_type=ckpt.config.get("model_type"), depths=ckpt.depths, depth_key=ckpt.depth_key(),
-        layout=ckpt.family.layout, complete=not missing and not unexpected, missing=missing,
-        unexpected=unexpected, mtp_tensors=len(ckpt.mtp), mtp_bytes=mtp_bytes, groups=groups,
+        layout=ckpt.family.layout, complete=check.ok, missing=check.missing, unexpected=check.unexpected,
+        misshapen=check.misshapen, config_problems=check.config, problems_by_depth=check.by_depth,
+        beyond_depths=check.beyond_depths, mtp_tensors=len(ckpt.mtp), mtp_bytes=mtp_bytes, groups=groups,
         drafter_shared=[_tensor_row(ckpt, n) for n in ckpt.drafter_shared()], shards=list(ckpt.shards),
         warnings=warnings,
     )
@@ -177,16 +185,33 @@ def render_inspect(report: InspectReport) -> str:
         lines.append(f"drafter also needs  {shared}")
     lines.append(f"MTP total    {report.mtp_tensors} tensor(s), {_fmt_bytes(report.mtp_bytes)}")
     if report.complete:
-        lines.append("complete     yes: every declared depth has its core tensors")
+        lines.append(
+            "complete     yes: every declared depth has every tensor its config.json calls for, in its shape"
+        )
     else:
         lines.append("complete     NO")
-        for name in report.missing:
-            lines.append(f"  missing     {name}")
-        for name in report.unexpected:
-            lines.append(f"  unexpected  {name} (beyond the {report.depths} declared depth(s))")
+        lines += _problem_lines(report)
     for w in report.warnings:
         lines.append(f"warning      {w}")
     return "\n".join(lines) + "\n"
+
+
+def _problem_lines(report: InspectReport) -> list[str]:
+    lines = [f"  config      {p}" for p in report.config_problems]
+    beyond = set(report.beyond_depths)
+    for label, kinds in report.problems_by_depth.items():
+        if label == "beyond":
+            continue
+        lines.append(f"  {'shared by all depths' if label == 'shared' else 'depth ' + label}:")
+        for name in fold_expert_names(kinds.get("missing", [])):
+            lines.append(f"    missing     {name}")
+        for entry in fold_expert_names(kinds.get("misshapen", [])):
+            lines.append(f"    misshapen   {entry}")
+        for name in fold_expert_names(n for n in kinds.get("unexpected", []) if n not in beyond):
+            lines.append(f"    unexpected  {name} (not part of a {report.family_title} MTP layer for this config.json)")
+    for name in fold_expert_names(report.beyond_depths):
+        lines.append(f"  unexpected  {name} (beyond the {report.depths} declared depth(s))")
+    return lines
 
 
 # --- writing operations --------------------------------------------------------------------------
@@ -259,18 +284,29 @@ def _same_family(a: HFCheckpoint, b: HFCheckpoint) -> None:
         )
 
 
-def _require_complete(ckpt: HFCheckpoint) -> None:
-    missing, unexpected = completeness(ckpt)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append("missing " + ", ".join(missing))
-        if unexpected:
-            parts.append(f"beyond the {ckpt.depths} declared depth(s): " + ", ".join(unexpected))
-        raise CkptError(
-            f"{ckpt.label} has no complete {ckpt.family.title} MTP head ({'; '.join(parts)}); "
-            f"run `verl-mtp ckpt inspect` on it"
-        )
+def _require_complete(ckpt: HFCheckpoint, allow_incomplete: bool, command: str,
+                      config: Optional[dict] = None, against: str = "") -> Optional[HeadCheck]:
+    """Refuse (CkptError) unless ``ckpt``'s MTP head is complete and well-shaped for ``config``
+    (default its own); with ``allow_incomplete`` return the check instead, for a note."""
+    check = head_check(ckpt, config)
+    if check.ok:
+        return None
+    if allow_incomplete:
+        return check
+    whose = f" for {against}" if against else ""
+    raise _refuse(
+        f"refusing to {command}: {ckpt.label} has no complete, well-shaped {ckpt.family.title} MTP head{whose} "
+        f"({len(check.missing)} missing, {len(check.misshapen)} misshapen, {len(check.unexpected)} unexpected "
+        f"tensor(s); `verl-mtp ckpt inspect` lists them). Pass {ALLOW_INCOMPLETE_FLAG} to carry the head as it is",
+        check.lines(),
+    )
+
+
+def _carried_note(check: Optional[HeadCheck], who: str) -> list[str]:
+    if check is None:
+        return []
+    return [f"{ALLOW_INCOMPLETE_FLAG}: {who}'s MTP head was carried as it is, with problems: "
+            + "; ".join(check.lines(limit=12))]
 
 
 def _refuse(what: str, problems: list[str], limit: int = 40) -> CkptError:
@@ -389,10 +425,12 @@ def _write_modified(
         copy_file(os.path.join(target.path, name), os.path.join(staging, name))
 
 
-def stitch_mtp(verifier: str, donor: str, out: str, *, overwrite: bool = False, link: bool = False) -> WriteResult:
+def stitch_mtp(verifier: str, donor: str, out: str, *, overwrite: bool = False, link: bool = False,
+               allow_incomplete_head: bool = False) -> WriteResult:
     """Write a copy of VERIFIER whose MTP tensors are DONOR's. DONOR may be a full checkpoint of
     the same family or an ``extract`` output; every MTP tensor must match in name (after family
-    mapping), shape and dtype."""
+    mapping), shape and dtype. DONOR's head must be complete and well-shaped for its own
+    config.json and for VERIFIER's, unless ``allow_incomplete_head``."""
     v = open_checkpoint(verifier, "VERIFIER")
     d = open_checkpoint(donor, "DONOR")
     out = _check_out(out, overwrite, v, d)
@@ -402,7 +440,9 @@ def stitch_mtp(verifier: str, donor: str, out: str, *, overwrite: bool = False, 
             f"{v.label} holds no {v.family.title} MTP tensors ({v.family.layout}), so there is nothing to "
             f"replace; to add a head to a checkpoint that dropped it use `verl-mtp ckpt graft`"
         )
-    _require_complete(d)
+    carried = _require_complete(d, allow_incomplete_head, "stitch")
+    if carried is None:
+        carried = _require_complete(d, allow_incomplete_head, "stitch", v.config, "VERIFIER's config.json")
     if v.depths != d.depths:
         raise CkptError(
             f"VERIFIER declares {v.depths} MTP depth(s) ({v.depth_key() or 'no depth key'}) but DONOR declares "
@@ -414,12 +454,15 @@ def stitch_mtp(verifier: str, donor: str, out: str, *, overwrite: bool = False, 
     replace = {v.mtp[key]: d.tensors[d.mtp[key]] for key in v.mtp}
     result = WriteResult("stitch", out, {"VERIFIER": v.path, "DONOR": d.path}, v.family.name, v.depths,
                          tensors_replaced=sorted(replace, key=_natural))
+    result.notes += _carried_note(carried, "DONOR")
     with staged_output(out, overwrite) as staging:
         _write_modified(v, staging, replace, {}, None, link, result)
     return result
 
 
 def _graft_problems(base: HFCheckpoint, rl: HFCheckpoint) -> list[str]:
+    """Does BASE's head pair with RL (trunk sizes, RL's own MTP tensors, names)? The head's own
+    shapes against RL's config are the whole-head check's (``_require_complete``)."""
     problems = []
     shared_b = {s: [n for n in base.drafter_shared() if n.endswith(s)] for s in base.family.drafter_suffixes}
     shared_r = {s: [n for n in rl.drafter_shared() if n.endswith(s)] for s in rl.family.drafter_suffixes}
@@ -434,21 +477,6 @@ def _graft_problems(base: HFCheckpoint, rl: HFCheckpoint) -> list[str]:
     hb, hr = base.hidden_size(), rl.hidden_size()
     if hb is not None and hr is not None and hb != hr:
         problems.append(f"config.json hidden_size differs: BASE {hb} vs RL {hr}")
-    emb = rl.embedding()
-    hidden = emb.shape[-1] if emb is not None and emb.shape else hr
-    if hidden is not None:
-        for key in base.naming.projection_keys():
-            if key in base.mtp:
-                e = base.tensors[base.mtp[key]]
-                if e.shape != (hidden, 2 * hidden):
-                    problems.append(
-                        f"BASE {base.mtp[key]} {list(e.shape)} does not fit RL's hidden size {hidden} "
-                        f"(expected [{hidden}, {2 * hidden}])"
-                    )
-        for key in base.naming.required_keys():
-            e = base.tensors.get(base.mtp.get(key, ""))
-            if e is not None and len(e.shape) == 1 and e.shape != (hidden,):
-                problems.append(f"BASE {base.mtp[key]} {list(e.shape)} does not fit RL's hidden size {hidden}")
     for key in sorted(rl.mtp, key=_key_order):
         name = rl.mtp[key]
         if key not in base.mtp:
@@ -460,15 +488,26 @@ def _graft_problems(base: HFCheckpoint, rl: HFCheckpoint) -> list[str]:
     return problems
 
 
-def graft_mtp(base: str, rl: str, out: str, *, overwrite: bool = False, link: bool = False) -> WriteResult:
+def graft_mtp(base: str, rl: str, out: str, *, overwrite: bool = False, link: bool = False,
+              allow_incomplete_head: bool = False) -> WriteResult:
     """Write a copy of RL carrying BASE's MTP head: RL's MTP tensors (if any) are replaced by
-    BASE's; the ones RL dropped are added as a new shard; a dropped depth key is restored."""
+    BASE's; the ones RL dropped are added as a new shard; a dropped depth key is restored.
+    BASE's head must be complete and well-shaped for BASE's config.json and for RL's (the
+    output's), unless ``allow_incomplete_head``."""
     b = open_checkpoint(base, "BASE")
     r = open_checkpoint(rl, "RL")
     out = _check_out(out, overwrite, b, r)
     _same_family(b, r)
-    _require_complete(b)
-    problems = _graft_problems(b, r)
+    carried = _require_complete(b, allow_incomplete_head, "graft")
+    # The output is RL's config (depth key restored) with BASE's head: the head must fit it.
+    out_config = with_depths(r.config, b.depths, like=b.config, family=r.family)
+    fit = head_check(b, out_config)
+    problems = []
+    if not fit.ok and allow_incomplete_head:
+        carried = carried or fit
+    elif not fit.ok:
+        problems += [f"for RL's config.json: {line}" for line in fit.lines()]
+    problems += _graft_problems(b, r)
     # Names the added tensors get in RL: RL's own MTP naming; Qwen's mtp. prefix from BASE when RL has none.
     target_naming = r.naming if r.mtp else r.family.naming(r.config, b.depths, b.mtp.values())
     add: dict[str, TensorEntry] = {}
@@ -482,9 +521,10 @@ def graft_mtp(base: str, rl: str, out: str, *, overwrite: bool = False, link: bo
     if problems:
         raise _refuse("refusing to graft: BASE's MTP head does not fit RL", problems)
     replace = {r.mtp[key]: b.tensors[b.mtp[key]] for key in r.mtp}
-    config = None if r.depths == b.depths else with_depths(r.config, b.depths, like=b.config, family=r.family)
+    config = None if r.depths == b.depths else out_config
     result = WriteResult("graft", out, {"BASE": b.path, "RL": r.path}, r.family.name, b.depths,
                          tensors_replaced=sorted(replace, key=_natural), tensors_added=sorted(add, key=_natural))
+    result.notes += _carried_note(carried, "BASE")
     eb, er = b.embedding(), r.embedding()
     if add and eb is not None and er is not None and eb.dtype != er.dtype:
         result.notes.append(f"the added head keeps BASE's dtype {eb.dtype}; RL's trunk is {er.dtype}")
@@ -494,13 +534,14 @@ def graft_mtp(base: str, rl: str, out: str, *, overwrite: bool = False, link: bo
 
 
 def extract_mtp(
-    src: str, out: str, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    src: str, out: str, *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    allow_incomplete_head: bool = False,
 ) -> WriteResult:
     """Write SRC's MTP tensors plus the trunk tensors a drafter shares (embedding, lm_head) as a
     checkpoint of their own: shards, index, config.json copy and ``mtp_extract.json``."""
     s = open_checkpoint(src, "SOURCE")
     out = _check_out(out, overwrite, s)
-    _require_complete(s)
+    carried = _require_complete(s, allow_incomplete_head, "extract")
     names = [s.mtp[key] for key in sorted(s.mtp, key=_key_order)] + s.drafter_shared()
     groups: list[list[str]] = [[]]
     size = 0
@@ -512,6 +553,7 @@ def extract_mtp(
         groups[-1].append(name)
         size += nbytes
     result = WriteResult("extract", out, {"SOURCE": s.path}, s.family.name, s.depths)
+    result.notes += _carried_note(carried, "SOURCE")
     with staged_output(out, overwrite) as staging:
         weight_map = {}
         for i, group in enumerate(groups, start=1):
