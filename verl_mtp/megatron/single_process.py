@@ -4,8 +4,9 @@ verl's workers.
 
 megatron-core runs on CPU with gloo, world size 1, the local (non-TransformerEngine) layer spec,
 fp32 and fusions off, once two hard-coded CUDA calls are redirected: ``torch.cuda.current_device``
-(RoPE, attention buffers, the MTP loss tracker) and the CUDA RNG tracker's ``fork``.
-``cpu_megatron()`` applies both and restores them.
+(RoPE, attention buffers, the MTP loss tracker) and the CUDA RNG tracker's ``fork``; and, for MoE
+models on megatron-core 0.16, one missing name is bound (``moe_router_gemm_without_te``).
+``cpu_megatron()`` applies all three and restores them.
 """
 
 from __future__ import annotations
@@ -27,10 +28,40 @@ def cpu_megatron():
     torch.cuda.current_device = lambda: "cpu"
     mcore_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
     try:
-        yield
+        with moe_router_gemm_without_te():
+            yield
     finally:
         torch.cuda.current_device = original_current_device
         mcore_random.CudaRNGStatesTracker.fork = original_fork
+
+
+@contextlib.contextmanager
+def moe_router_gemm_without_te():
+    """Bind ``megatron.core.transformer.moe.moe_utils.te_general_gemm = None`` for the duration
+    when the module lacks the name (megatron-core 0.16 without TransformerEngine); else nothing.
+
+    Every MoE router's gating (``TopKRouter.gating`` -> ``router_gating_linear``) runs
+    ``RouterGatingLinearFunction``, whose forward and backward first test ``te_general_gemm is not
+    None`` and otherwise multiply with ``torch.mm`` / ``torch.addmm``. megatron-core 0.16.1 imports
+    that name only inside its ``try: import transformer_engine`` block, so without TransformerEngine
+    the test itself raises ``NameError`` whatever ``moe_router_dtype`` is (the name is read before
+    the dtype); 0.18 binds it to None in that case. None here selects the same torch path 0.18
+    takes. With TransformerEngine installed the name exists and nothing changes.
+    """
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except ImportError:  # no MoE support in this megatron-core: nothing to bind
+        yield
+        return
+    if hasattr(moe_utils, "te_general_gemm") or not hasattr(moe_utils, "RouterGatingLinearFunction"):
+        yield
+        return
+    moe_utils.te_general_gemm = None
+    try:
+        yield
+    finally:
+        if moe_utils.__dict__.get("te_general_gemm", 0) is None:
+            del moe_utils.te_general_gemm
 
 
 def _free_port() -> int:
