@@ -12,6 +12,13 @@ MTP with the family's naming (``verl_mtp.models``) and compares them with what t
   (norms, projection), the same tensor names in every depth, nothing twice.
 
 A failure raises :class:`IncompleteMtpExportError` naming the missing / unexpected tensors.
+
+Every rank of a multi-rank export walks the same stream (producing each tensor is collective
+over the model-parallel groups) but checks it on its own: the exact check runs only where the
+MTP block lives. ``checked_export`` therefore agrees on one verdict over the process group at the
+end of the stream (:func:`agree_on_export_verdict`), so a rank whose check fails never leaves the
+others waiting in the next collective: every rank raises the same error, naming each failing
+rank's missing tensors.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import logging
 import os
 from collections import Counter
 from typing import Any, Iterable, Iterator, Optional
+
+import torch
 
 from verl_mtp.models.families import MtpNaming, UnknownFamilyError, detect_family
 
@@ -163,13 +172,91 @@ class MtpExportChecker:
         check_mtp_export(self.names, naming, self.depths, self.expected, where=self.where)
 
 
-def checked_export(stream: Iterable, models: list, bridge: Any, hf_config: Any, where: str = "export") -> Iterator:
-    """Yield ``stream``'s ``(name, tensor)`` pairs; when it is exhausted, check MTP completeness."""
-    checker = MtpExportChecker(models, bridge, hf_config, where=where)
+# Default of ``checked_export(group=...)``: the default process group, when one is initialised.
+DEFAULT_GROUP = "default"
+
+
+def _flag_device(group: Any) -> torch.device:
+    """Where a collective of ``group`` takes its tensor: the CPU when the group has gloo (verl's
+    default group is ``cpu:gloo,cuda:nccl``), else the accelerator its backend drives."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend:
+        return torch.device("cpu")
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    from verl.utils.device import get_device_id, get_device_name
+
+    return torch.device(get_device_name(), get_device_id())
+
+
+def agree_on_export_verdict(problem: Optional[str], group: Any = None, where: str = "export") -> None:
+    """Raise the same IncompleteMtpExportError on every rank of ``group`` when any rank's
+    ``problem`` is not None; return quietly on every rank when none is.
+
+    Collective: every rank of ``group`` must call it. A passing export costs one all-reduce of
+    one integer; only a failing one gathers the failing ranks' messages."""
+    import torch.distributed as dist
+
+    failed = torch.tensor([0 if problem is None else 1], dtype=torch.int64, device=_flag_device(group))
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=group)
+    if int(failed.item()) == 0:
+        return
+    reports: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, (dist.get_rank(), problem), group=group)
+    failing = [(rank, text) for rank, text in reports if text is not None]
+    by_text: dict[str, list[int]] = {}
+    for rank, text in failing:
+        by_text.setdefault(text, []).append(rank)
+    lines = [f"rank(s) {', '.join(map(str, ranks))}: {text}" for text, ranks in by_text.items()]
+    raise IncompleteMtpExportError(
+        f"incomplete MTP {where} on {len(failing)} of {len(reports)} rank(s) (every rank stops here):\n  "
+        + "\n  ".join(lines)
+    )
+
+
+def _active_group(group: Any) -> Any:
+    """The process group to agree over, or None for a local verdict (no process group, one rank)."""
+    import torch.distributed as dist
+
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    resolved = dist.group.WORLD if isinstance(group, str) and group == DEFAULT_GROUP else group
+    return resolved if dist.get_world_size(resolved) > 1 else None
+
+
+def checked_export(
+    stream: Iterable, models: list, bridge: Any, hf_config: Any, where: str = "export", group: Any = DEFAULT_GROUP
+) -> Iterator:
+    """Yield ``stream``'s ``(name, tensor)`` pairs; when it is exhausted, check MTP completeness.
+
+    ``group``: the ranks that walk this export together (every one of them must exhaust the
+    stream); they agree on the verdict before any of them returns, so a failure raises on all of
+    them. ``DEFAULT_GROUP`` (default) is the default process group when torch.distributed is
+    initialised with more than one rank; ``None`` checks locally only."""
+    group = _active_group(group)
+    problem = None
+    checker = None
+    try:
+        checker = MtpExportChecker(models, bridge, hf_config, where=where)
+    except Exception as exc:  # noqa: BLE001 - a check that cannot run fails on every rank, not just here
+        if group is None:
+            raise
+        problem = f"the MTP {where} check could not start: {type(exc).__name__}: {exc}"
     for item in stream:
-        checker.observe(item[0])
+        if checker is not None:
+            checker.observe(item[0])
         yield item
-    checker.check()
+    if checker is not None:
+        try:
+            checker.check()
+        except Exception as exc:  # noqa: BLE001 - IncompleteMtpExportError or a failing check
+            if group is None:
+                raise
+            problem = str(exc) if isinstance(exc, IncompleteMtpExportError) else f"{type(exc).__name__}: {exc}"
+    if group is not None:
+        agree_on_export_verdict(problem, group, where=where)
 
 
 def stored_tensor_names(hf_dir: str) -> list[str]:

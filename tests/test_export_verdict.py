@@ -1,0 +1,52 @@
+"""An export-completeness failure on one rank fails the weight sync on every rank.
+
+Two trainer ranks (gloo, CPU, data parallel 2) each export a real megatron-core MiMo model
+through verl 0.9.1's patched ``MegatronEngine.get_per_tensor_param`` and consume the stream as
+verl's bucketed weight sender does (``verl_mtp.testing.export_ranks``; the engine object and the
+GPU reload helper stand in, see there). The ranks run under a deadline: a rank that waits
+forever is reported as hung and the test fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("mbridge")
+
+from verl_mtp.testing.export_ranks import DROPPED, HUNG, run_ranks_with_deadline, weight_sync_rank  # noqa: E402
+
+SCENARIOS = ["complete", "rank1_drops", "rank0_check_breaks", "complete_again"]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    from verl_mtp.testing.tiny_hf import write_tiny_checkpoint
+
+    path = str(tmp_path_factory.mktemp("mimo"))
+    write_tiny_checkpoint(path, "mimo", mtp_depths=1, seed=3)
+    return run_ranks_with_deadline(weight_sync_rank, (path,), world_size=2, keys=SCENARIOS, deadline_s=240)
+
+
+def test_no_rank_hangs(outcomes):
+    hung = {key: [r for r, o in enumerate(ranks) if o == HUNG] for key, ranks in outcomes.items()}
+    assert all(not ranks for ranks in hung.values()), f"ranks still waiting at the deadline: {hung}"
+
+
+def test_a_complete_export_passes_on_every_rank(outcomes):
+    assert outcomes["complete"] == ["ok", "ok"]
+    assert outcomes["complete_again"] == ["ok", "ok"]  # a failed sync leaves nothing behind
+
+
+def test_a_tensor_missing_on_one_rank_fails_every_rank_with_its_name(outcomes):
+    rank0, rank1 = outcomes["rank1_drops"]
+    assert rank0 == rank1  # the same error everywhere
+    assert rank0.startswith("IncompleteMtpExportError: incomplete MTP weight sync to the rollout engine on 1 of 2 rank(s)")
+    assert "rank(s) 1: " in rank0 and "rank(s) 0" not in rank0
+    assert f"missing 1 MTP tensor(s): ['{DROPPED}']" in rank0
+
+
+def test_a_check_that_cannot_start_on_one_rank_fails_every_rank(outcomes):
+    rank0, rank1 = outcomes["rank0_check_breaks"]
+    assert rank0 == rank1
+    assert "on 1 of 2 rank(s)" in rank0 and "rank(s) 0: " in rank0
+    assert "check could not start: KeyError" in rank0 and "mtp.layers.0.eh_proj.weight" in rank0
