@@ -21,7 +21,10 @@ import torch
 import verl_mtp.rollout.drafter_sync as ds
 from verl_mtp.config import ExtendedMtpConfig, MtpConfigError, validate_mtp_run_config
 from verl_mtp.rollout.drafter_sync import (
+    METRIC_CHECKED_FRACTION,
     METRIC_IN_SYNC,
+    METRIC_WORKERS_CHECKED,
+    METRIC_WORKERS_EXPECTED,
     DrafterOutOfSyncError,
     DrafterSyncChecker,
     DrafterSyncRecorder,
@@ -34,6 +37,15 @@ from verl_mtp.rollout.drafter_sync import (
 from verl_mtp.testing.tiny_hf import tiny_config
 
 DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _counts(checked, expected):
+    return {METRIC_WORKERS_CHECKED: float(checked), METRIC_WORKERS_EXPECTED: float(expected),
+            METRIC_CHECKED_FRACTION: checked / expected}
+
+
+# the metrics of a verified sync of a one-worker replica
+IN_SYNC = {METRIC_IN_SYNC: 1.0, **_counts(1, 1)}
 
 
 def _nudge(tensor: torch.Tensor, index: tuple) -> torch.Tensor:
@@ -137,13 +149,13 @@ def _setup(mode="raise", drop=()):
     stream = _mtp_stream(0)
     mtp = [(n, tuple(t.shape), t.dtype) for n, t in stream if is_mtp(n)]
     drafter = _Drafter(mtp, drop=drop)
-    return is_mtp, DrafterSyncChecker(is_mtp, mode), DrafterSyncRecorder(is_mtp, worker="w0", speculative_method="mtp"), drafter
+    return is_mtp, DrafterSyncChecker(is_mtp, mode, 1), DrafterSyncRecorder(is_mtp, worker="w0", speculative_method="mtp"), drafter
 
 
 def test_in_sync_drafter_passes_and_reports_the_metric():
     is_mtp, checker, recorder, drafter = _setup()
-    assert _sync(checker, _mtp_stream(0), recorder, drafter) == {METRIC_IN_SYNC: 1.0}
-    assert _sync(checker, _mtp_stream(1), recorder, drafter) == {METRIC_IN_SYNC: 1.0}
+    assert _sync(checker, _mtp_stream(0), recorder, drafter) == IN_SYNC
+    assert _sync(checker, _mtp_stream(1), recorder, drafter) == IN_SYNC
     assert recorder.load_calls == 1 and len(recorder.received) == len(drafter.slots) > 4
 
 
@@ -201,7 +213,7 @@ def test_a_quantising_engine_is_checked_for_arrival_not_values():
     recorder.begin_sync(drafter)
     drafter.load_weights(list(quantised(checker.begin(iter(_mtp_stream(0))))))
     recorder.end_sync()
-    assert checker.finish([recorder.report()]) == {METRIC_IN_SYNC: 1.0}
+    assert checker.finish([recorder.report()]) == IN_SYNC
     lost = "model.mtp_layers.0.input_proj.weight"
     recorder.begin_sync(drafter)
     drafter.load_weights(list(quantised(checker.begin(iter(_mtp_stream(1))), lose={lost})))
@@ -222,7 +234,7 @@ def test_changed_trunk_copies_alone_do_not_require_the_drafter_to_change():
     after = dict(before, **{n: fingerprint_tensor(torch.ones(3)) for n in copies})
     report = {"worker": "w", "speculative_method": "mtp", "drafter_present": True, "sync_index": 2, "load_calls": 1,
               "received": {n: fp.to_wire() for n, fp in after.items()}, "digest_before": (1, 2), "digest_after": (1, 2)}
-    assert compare_drafter_sync(after, [report], sync_index=2, previous_trainer=before).in_sync
+    assert compare_drafter_sync(after, [report], sync_index=2, previous_trainer=before, expected_workers=1).in_sync
     moved = dict(after, **{own: fingerprint_tensor(torch.ones(3))})
     report["received"] = {n: fp.to_wire() for n, fp in moved.items()}
     verdict = compare_drafter_sync(moved, [report], sync_index=2, previous_trainer=before)
@@ -278,7 +290,7 @@ def test_warn_mode_warns_records_zero_and_turns_speculation_off_for_the_next_ste
         _sync(checker, _mtp_stream(0), recorder, drafter)
         with pytest.warns(DrafterSyncWarning, match="stale copy"):
             metrics = _sync(checker, _mtp_stream(1), recorder, drafter, drafter_loads=False)
-        assert metrics == {METRIC_IN_SYNC: 0.0} == ds.latest_drafter_sync_metrics()
+        assert metrics == {METRIC_IN_SYNC: 0.0, **_counts(1, 1)} == ds.latest_drafter_sync_metrics()
         assert controller.forced_off_steps == 1 and "weight sync #2" in controller.forced_reason
         # No engine here has a runtime switch: the message must not claim speculation is off.
         assert controller.actuator is None
@@ -301,7 +313,7 @@ def test_off_mode_checks_nothing():
 def test_a_worker_without_drafter_is_fine_only_when_speculation_is_off():
     trainer = {"model.mtp_layers.0.input_proj.weight": fingerprint_tensor(torch.ones(2))}
     off = {"worker": "w", "speculative_method": None, "drafter_present": False, "sync_index": 1}
-    assert compare_drafter_sync(trainer, [off], sync_index=1).in_sync
+    assert compare_drafter_sync(trainer, [off], sync_index=1, expected_workers=1).in_sync
     lost = dict(off, speculative_method="mtp")
     verdict = compare_drafter_sync(trainer, [lost], sync_index=1)
     assert not verdict.in_sync and "has no drafter model" in verdict.message()
@@ -495,19 +507,19 @@ def test_engine_worker_process_verdicts_on_a_real_megatron_export(tiny_mimo_mode
     is_mtp = mtp_tensor_classifier(config)
     worker = _EngineWorker(config)
     try:
-        checker = DrafterSyncChecker(is_mtp, "raise")
+        checker = DrafterSyncChecker(is_mtp, "raise", 1)
         sent = _send(checker, loaded, dtype, tmp_path / "s1.pt")
         mtp_names = sorted(n for n in sent if is_mtp(n))
         assert len(mtp_names) >= 8 and any(".self_attn.q_proj." in n for n in mtp_names)
         report = worker.sync(tmp_path / "s1.pt", method="mtp")
         buckets = -(-len(sent) // 5)  # the fake worker loads 5 tensors per bucket
         assert report["load_calls"] == buckets > 1 and sorted(report["received"]) == mtp_names
-        assert checker.finish([report]) == {METRIC_IN_SYNC: 1.0}
+        assert checker.finish([report]) == IN_SYNC
 
         # after a training step, the drafter gets the new weights: still in sync
         _train_mtp_a_little(loaded, 1)
         _send(checker, loaded, dtype, tmp_path / "s2.pt")
-        assert checker.finish([worker.sync(tmp_path / "s2.pt", method="mtp")]) == {METRIC_IN_SYNC: 1.0}
+        assert checker.finish([worker.sync(tmp_path / "s2.pt", method="mtp")]) == IN_SYNC
 
         # stale copy: verl 0.9.1 syncs the drafter only for method == "mtp"; "deepseek_mtp" skips it
         _train_mtp_a_little(loaded, 2)
@@ -536,9 +548,9 @@ def test_engine_worker_process_detects_a_drafter_that_drops_its_weights(tiny_mim
     is_mtp = mtp_tensor_classifier(loaded.hf_config)
     worker = _EngineWorker(loaded.hf_config)
     try:
-        checker = DrafterSyncChecker(is_mtp, "raise")
+        checker = DrafterSyncChecker(is_mtp, "raise", 1)
         _send(checker, loaded, torch.bfloat16, tmp_path / "s1.pt")
-        assert checker.finish([worker.sync(tmp_path / "s1.pt", method="mtp", drop_all=True)]) == {METRIC_IN_SYNC: 1.0}
+        assert checker.finish([worker.sync(tmp_path / "s1.pt", method="mtp", drop_all=True)]) == IN_SYNC
         _train_mtp_a_little(loaded, 5)
         _send(checker, loaded, torch.bfloat16, tmp_path / "s2.pt")
         with pytest.raises(DrafterOutOfSyncError, match=r"parameters did not change \(load_weights dropped them\)"):
@@ -558,12 +570,12 @@ def test_drafter_sync_check_validation():
         ExtendedMtpConfig(drafter_sync_check="loud")
 
 
-def _run_config(engine, check, backend="naive", model_path="/nonexistent"):
+def _run_config(engine, check, backend="naive", model_path="/nonexistent", data_parallel=1):
     return {
         "actor_rollout_ref": {
             "actor": {"strategy": "megatron"},
             "model": {"path": model_path, "mtp": {"enable": True, "enable_rollout": True, "drafter_sync_check": check}},
-            "rollout": {"name": engine, "checkpoint_engine": {"backend": backend}},
+            "rollout": {"name": engine, "checkpoint_engine": {"backend": backend}, "data_parallel_size": data_parallel},
         }
     }
 
@@ -652,6 +664,8 @@ def test_patched_adapter_checks_after_the_sync_and_returns_the_metric(tmp_path):
         def __init__(self, mtp):
             self._has_server = True
             self.model_config = types.SimpleNamespace(mtp=mtp, hf_config=MIMO)
+            self.config = types.SimpleNamespace(  # verl's RolloutConfig: one worker serves this replica
+                tensor_model_parallel_size=1, pipeline_model_parallel_size=1, data_parallel_size=1)
 
         async def update_weights(self, weights, global_steps=None, wire_format="named_tensors", **kwargs):
             recorder.begin_sync(drafter)
@@ -671,7 +685,7 @@ def test_patched_adapter_checks_after_the_sync_and_returns_the_metric(tmp_path):
     mtp = ExtendedMtpConfig(enable=True, enable_rollout=True)
     adapter = ServerAdapter(mtp)
     adapter.load_drafter = True
-    assert asyncio.run(adapter.update_weights(iter(stream), global_steps=1)) == {METRIC_IN_SYNC: 1.0}
+    assert asyncio.run(adapter.update_weights(iter(stream), global_steps=1)) == IN_SYNC
     adapter.load_drafter = False  # a sync that updates only the target
     with pytest.raises(DrafterOutOfSyncError, match="stale copy"):
         asyncio.run(adapter.update_weights(iter(_mtp_stream(1)), global_steps=2))
@@ -785,3 +799,184 @@ def test_the_verdict_travels_from_the_trainer_worker_to_the_driver_step_metrics(
     other = types.SimpleNamespace(backend="nccl")
     with pytest.raises(AttributeError):
         ckpt_base.CheckpointEngineManager.update_weights(other, 3)
+
+
+# --- every worker is counted: vLLM data parallelism hides engines 1.. from collective_rpc ---------
+
+
+class vLLMHttpServer:
+    """FAKE of verl 0.9.1's vLLMHttpServer (vllm cannot be imported here): the method body the
+    real ``vllm_async_server`` patch expects, so verl-mtp's patch is applied to it as to verl's."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        await self.engine.collective_rpc(method=method, timeout=timeout, args=args, kwargs=kwargs)
+
+
+class _DataParallelEngineClient:
+    """FAKE of vLLM's AsyncLLM engine client: with data parallelism > 1 (DPLBAsyncMPClient) a
+    utility call such as collective_rpc runs on every data-parallel engine's workers, and only
+    engine 0's result list comes back (``call_utility_async`` returns the first engine's)."""
+
+    def __init__(self, engines):
+        self.engines = engines  # one list of workers per data-parallel engine
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        results = [[getattr(w, method)(*args, **(kwargs or {})) for w in engine] for engine in self.engines]
+        return results[0]
+
+
+def _fake_worker_extension():
+    class vLLMColocateWorkerExtension:
+        """FAKE of verl 0.9.1's vLLM worker extension (see WORKER_SCRIPT): loads each bucket into the
+        target and, for method "mtp", into the drafter, unless this worker's sync path skips it."""
+
+        def __init__(self, dp_rank, dp_size, names_shapes, skip_drafter=False):
+            self.rank = 0
+            self.skip_drafter = skip_drafter
+            self.model_runner = types.SimpleNamespace(
+                model=torch.nn.Linear(2, 2),
+                drafter=types.SimpleNamespace(model=_Drafter(names_shapes)),
+                vllm_config=types.SimpleNamespace(
+                    speculative_config=types.SimpleNamespace(method="mtp"),
+                    model_config=types.SimpleNamespace(hf_config=MIMO),
+                    parallel_config=types.SimpleNamespace(data_parallel_size=dp_size, data_parallel_rank=dp_rank),
+                ),
+            )
+
+        def _get_drafter_model(self):
+            return self.model_runner.drafter.model
+
+        def update_weights_from_ipc(self, buckets):
+            for bucket in buckets:
+                if not self.skip_drafter:
+                    self._get_drafter_model().load_weights(bucket)
+
+    return vLLMColocateWorkerExtension
+
+
+class _Replica:
+    """A replica leader's FAKE ServerAdapter (shaped like verl 0.9.1's vLLM ServerAdapter) in front
+    of ``data_parallel`` engines of one worker each, with verl-mtp's real patches on the adapter,
+    the server and the worker extension."""
+
+    def __init__(self, data_parallel, mode="auto", stale_engines=()):
+        from verl_mtp import patches
+
+        self.restore = []
+        stream = _mtp_stream(0)
+        is_mtp = mtp_tensor_classifier(MIMO)
+        shapes = [(n, tuple(t.shape), t.dtype) for n, t in stream if is_mtp(n)]
+        extension = _fake_worker_extension()
+        patches._patch_vllm_worker_extension(types.SimpleNamespace(vLLMColocateWorkerExtension=extension), self.restore)
+        self.engines = [[extension(dp, data_parallel, shapes, skip_drafter=dp in stale_engines)]
+                        for dp in range(data_parallel)]
+        server_module = types.SimpleNamespace(vLLMHttpServer=vLLMHttpServer)
+        patches._patch_vllm_http_server(server_module, self.restore)
+        server = vLLMHttpServer(_DataParallelEngineClient(self.engines))
+        workers = [w for engine in self.engines for w in engine]
+
+        class ServerAdapter:
+            def __init__(self):
+                self._has_server = True
+                self.model_config = types.SimpleNamespace(
+                    mtp=ExtendedMtpConfig(enable=True, enable_rollout=True, drafter_sync_check=mode), hf_config=MIMO)
+                self.config = types.SimpleNamespace(  # verl's RolloutConfig
+                    tensor_model_parallel_size=1, pipeline_model_parallel_size=1, data_parallel_size=data_parallel)
+
+            async def update_weights(self, weights, global_steps=None, wire_format="named_tensors", **kwargs):
+                sent = list(weights)  # every trainer rank sends the same tensors to its own worker
+                for worker in workers:
+                    worker.update_weights_from_ipc([sent])
+
+            async def _execute_method(self, method, non_block=False, timeout=None, args=(), kwargs=None):
+                return await server.collective_rpc(method, timeout=timeout, args=args, kwargs=kwargs)
+
+        patches._patch_vllm_server_adapter(types.SimpleNamespace(ServerAdapter=ServerAdapter), self.restore)
+        self.adapter = ServerAdapter()
+
+    def sync(self, seed):
+        import asyncio
+
+        return asyncio.run(self.adapter.update_weights(iter(_mtp_stream(seed)), global_steps=seed))
+
+
+def test_one_data_parallel_engine_is_all_in_sync_with_its_worker_counted():
+    replica = _Replica(data_parallel=1)
+    assert replica.sync(0) == IN_SYNC
+    report = getattr(replica.engines[0][0], ds.VLLM_REPORT_METHOD)()
+    assert report["worker"] == "vllm worker rank 0"
+
+
+def test_workers_collective_rpc_cannot_see_are_never_reported_in_sync():
+    """Data parallel 2, engine 1's drafter stale: vLLM returns only engine 0's report, so the
+    check must not claim the replica in sync; it counts 1 of 2 workers and warns once."""
+    replica = _Replica(data_parallel=2, stale_engines={1})
+    with pytest.warns(DrafterSyncWarning, match=r"saw 1 of 2 engine worker report\(s\) \(tensor 1 x pipeline 1 x data 2 "
+                      r"parallel; vLLM's collective_rpc returns only data-parallel engine 0's worker results\)"):
+        metrics = replica.sync(0)
+    assert METRIC_IN_SYNC not in metrics
+    assert metrics == _counts(1, 2)
+    # the engine-1 worker did run the report (the fake client reached it) under its own name
+    hidden = getattr(replica.engines[1][0], ds.VLLM_REPORT_METHOD)()
+    assert hidden["worker"] == "vllm dp engine 1 worker rank 0" and hidden["load_calls"] == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DrafterSyncWarning)  # the same partial view is not announced again
+        assert replica.sync(1) == _counts(1, 2)
+
+
+def test_a_problem_on_the_engine_it_can_see_still_fails():
+    replica = _Replica(data_parallel=2, stale_engines={0})
+    with pytest.raises(DrafterOutOfSyncError, match=r"(?s)1 of 2 engine worker report\(s\).*checked.*engine 0 worker rank 0: stale copy"):
+        replica.sync(0)
+
+
+def test_raise_refuses_a_partial_view_at_run_time():
+    replica = _Replica(data_parallel=2, mode="raise")
+    with pytest.raises(DrafterOutOfSyncError, match=r"(?s)saw 1 of 2 .*NOT verified.*drafter_sync_check=raise requires"):
+        replica.sync(0)
+
+
+def test_an_unknown_worker_count_is_never_in_sync():
+    is_mtp, _, recorder, drafter = _setup()
+    checker = DrafterSyncChecker(is_mtp, "warn", None, "the rollout config is not available")
+    with pytest.warns(DrafterSyncWarning, match=r"saw 1 of an unknown number of engine worker report"):
+        assert _sync(checker, _mtp_stream(0), recorder, drafter) == {}
+
+
+def test_worker_layout_of_a_replica():
+    ns = types.SimpleNamespace
+    assert ds.vllm_worker_layout(ns(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, data_parallel_size=2)) == (
+        8, f"tensor 2 x pipeline 2 x data 2 parallel; {ds.VLLM_DP_REPORTS_NOTE}")
+    assert ds.vllm_worker_layout({"tensor_model_parallel_size": 4})[0] == 4  # unset sizes default to 1
+    pd = ns(tensor_model_parallel_size=2, disaggregation=ns(decode_tensor_model_parallel_size=4))
+    assert ds.vllm_worker_layout(pd, "prefill")[0] == 2 and ds.vllm_worker_layout(pd, "decode")[0] == 4
+    pd.disaggregation.decode_tensor_model_parallel_size = None  # decode TP defaults to prefill TP
+    assert ds.vllm_worker_layout(pd, "decode")[0] == 2
+    assert ds.vllm_worker_layout(None)[0] is None
+
+
+def test_the_step_metric_claims_in_sync_only_when_every_replica_saw_all_its_workers():
+    full, partial = {METRIC_IN_SYNC: 1.0, **_counts(2, 2)}, _counts(1, 2)
+    ds.record_worker_sync_results([full, None, partial, None])
+    assert ds.pop_driver_drafter_metrics() == {METRIC_WORKERS_CHECKED: 3.0, METRIC_WORKERS_EXPECTED: 4.0,
+                                               METRIC_CHECKED_FRACTION: 0.75}
+    ds.record_worker_sync_results([full, {METRIC_IN_SYNC: 0.0, **_counts(1, 2)}])
+    assert ds.pop_driver_drafter_metrics()[METRIC_IN_SYNC] == 0.0  # a found mismatch stays 0
+    ds.record_worker_sync_results([full, full])
+    assert ds.pop_driver_drafter_metrics() == {METRIC_IN_SYNC: 1.0, **_counts(4, 4)}
+
+
+def test_run_config_with_vllm_data_parallelism():
+    with pytest.raises(MtpConfigError, match=r"drafter_sync_check='raise' is invalid here: "
+                       r"actor_rollout_ref\.rollout\.data_parallel_size=2: .*only 1 of the 2 engines.*valid choices"):
+        validate_mtp_run_config(_run_config("vllm", "raise", data_parallel=2))
+    for mode in ("auto", "warn"):
+        with pytest.warns(DrafterSyncWarning, match="verified on data-parallel engine 0 only"):
+            validate_mtp_run_config(_run_config("vllm", mode, data_parallel=2))
+    validate_mtp_run_config(_run_config("vllm", "raise", data_parallel=1))
+    validate_mtp_run_config(_run_config("vllm", "off", data_parallel=2))

@@ -33,7 +33,13 @@ Where it runs in verl 0.9.1 (vLLM; wired by the ``drafter_sync_check`` patch in 
   the drafter;
 * after the sync the leader calls ``collective_rpc("verl_mtp_drafter_sync_report")`` (verl's
   server is patched to return the workers' results), compares, and acts per
-  ``drafter_sync_check``.
+  ``drafter_sync_check``;
+* the leader knows how many workers serve its server (tensor x pipeline x data parallel of the
+  rollout config, ``vllm_worker_layout``) and counts the reports: a sync is reported in sync only
+  when every one of them reported and agrees. With vLLM data parallelism > 1 the engine's
+  ``collective_rpc`` returns only data-parallel engine 0's results, so the other engines' drafters
+  are not seen: ``raise`` is refused at config time, ``auto``/``warn`` check engine 0's workers,
+  warn, and log ``rollout/mtp_drafter_checked_fraction`` instead of an in-sync claim.
 
 Not covered (and refused at config time for ``raise``, warned for ``warn``): SGLang (its engine
 runs in a server process without a worker-extension hook that can report back) and
@@ -81,6 +87,11 @@ logger = logging.getLogger(__name__)
 # delta_sharded) run unverified after one loud config-time warning. raise: refuse such a run.
 DRAFTER_SYNC_CHECKS = ("auto", "raise", "warn", "off")
 METRIC_IN_SYNC = "rollout/mtp_drafter_in_sync"
+# How many engine workers' drafters a sync verified, of how many serve the replica(s): vLLM's
+# collective_rpc can return fewer reports than there are workers (data parallelism > 1).
+METRIC_WORKERS_CHECKED = "rollout/mtp_drafter_workers_checked"
+METRIC_WORKERS_EXPECTED = "rollout/mtp_drafter_workers_expected"
+METRIC_CHECKED_FRACTION = "rollout/mtp_drafter_checked_fraction"
 
 _MODULUS = (1 << 61) - 1
 _WEIGHT_MULTIPLIER = 40503  # odd: i -> i * m mod 2**16 is a permutation, so weights differ locally
@@ -406,17 +417,39 @@ class SyncVerdict:
     sync_index: int
     checked: list[str]
     problems: list[str] = field(default_factory=list)
+    workers_seen: int = 0  # worker reports compared
+    workers_expected: Optional[int] = None  # workers serving the replica (None: unknown)
+    layout: str = ""  # how the expected count was formed, for messages
+
+    @property
+    def complete(self) -> bool:
+        """Every worker that serves the replica reported (an unknown count is never complete)."""
+        return self.workers_expected is not None and self.workers_seen >= self.workers_expected
 
     @property
     def in_sync(self) -> bool:
-        return not self.problems
+        """No problem found and every worker checked: nothing is claimed for unseen workers."""
+        return not self.problems and self.complete
+
+    def coverage(self) -> str:
+        expected = "an unknown number of" if self.workers_expected is None else str(self.workers_expected)
+        layout = f" ({self.layout})" if self.layout else ""
+        return f"{self.workers_seen} of {expected} engine worker report(s){layout}"
 
     def message(self) -> str:
         head = (
             f"MTP drafter out of sync after weight sync #{self.sync_index} "
-            f"({len(self.checked)} MTP tensor(s) sent by the trainer):"
+            f"({len(self.checked)} MTP tensor(s) sent by the trainer; {self.coverage()} checked):"
         )
         return "\n  - ".join([head, *self.problems])
+
+    def incomplete_message(self) -> str:
+        unseen = "" if self.workers_expected is None else f"the {self.workers_expected - self.workers_seen} other(s) "
+        return (
+            f"MTP drafter check after weight sync #{self.sync_index} saw {self.coverage()}: "
+            f"{unseen or 'the workers it did not see '}are NOT verified, so {METRIC_IN_SYNC} is not logged "
+            f"for this sync ({METRIC_CHECKED_FRACTION} shows the share checked); the workers it saw agree"
+        )
 
 
 # MTP-named copies of trunk tensors (DeepSeek-V3 / GLM-4.5 store the embedding and lm_head again
@@ -438,6 +471,8 @@ def compare_drafter_sync(
     sync_index: int,
     previous_trainer: Optional[Mapping[str, TensorFingerprint]] = None,
     previous_sync_index: Optional[Mapping[str, int]] = None,
+    expected_workers: Optional[int] = None,
+    layout: str = "",
 ) -> SyncVerdict:
     """Compare the trainer's MTP fingerprints with every engine worker's report.
 
@@ -447,9 +482,12 @@ def compare_drafter_sync(
     received changed MTP tensors but its parameters did not change.
     ``previous_trainer``: the trainer's fingerprints at the previous sync (None on the first).
     ``previous_sync_index``: worker -> its sync counter at the previous check.
+    ``expected_workers``: how many workers serve the replica; the verdict is ``in_sync`` only when
+    that many reported and none has a problem (None: unknown, never in sync).
     """
-    verdict = SyncVerdict(sync_index=sync_index, checked=sorted(trainer))
     reports = list(reports)
+    verdict = SyncVerdict(sync_index=sync_index, checked=sorted(trainer), workers_seen=len(reports),
+                          workers_expected=expected_workers, layout=layout)
     if not trainer:
         verdict.problems.append(
             "the weight stream carried no MTP tensor, so the drafter cannot have been updated "
@@ -539,17 +577,31 @@ _driver_metrics: dict[str, float] = {}
 
 def record_worker_sync_results(results: Iterable[Any]) -> None:
     """Keep the drafter metrics the trainer workers returned from one sync (the replica leaders
-    return them; every other rank returns nothing). One replica out of sync makes the step's 0."""
+    return them; every other rank returns nothing). One replica out of sync makes the step's 0;
+    worker counts add up over replicas."""
     for result in results:
-        if isinstance(result, Mapping) and METRIC_IN_SYNC in result:
+        if not isinstance(result, Mapping):
+            continue
+        if METRIC_IN_SYNC in result:
             value = float(result[METRIC_IN_SYNC])
             _driver_metrics[METRIC_IN_SYNC] = min(value, _driver_metrics.get(METRIC_IN_SYNC, value))
+        for key in (METRIC_WORKERS_CHECKED, METRIC_WORKERS_EXPECTED):
+            if key in result:
+                _driver_metrics[key] = _driver_metrics.get(key, 0.0) + float(result[key])
 
 
 def pop_driver_drafter_metrics() -> dict[str, float]:
-    """The drafter metrics of the syncs since the last call (driver), for the step's metrics."""
+    """The drafter metrics of the syncs since the last call (driver), for the step's metrics.
+
+    ``in_sync`` = 1 only when every replica's check saw all its workers: a replica that saw
+    fewer (it logs no ``in_sync`` itself) keeps the step's from claiming 1; a 0 stays 0."""
     metrics = dict(_driver_metrics)
     _driver_metrics.clear()
+    checked, expected = metrics.get(METRIC_WORKERS_CHECKED), metrics.get(METRIC_WORKERS_EXPECTED)
+    if checked is not None and expected:
+        metrics[METRIC_CHECKED_FRACTION] = min(checked, expected) / expected
+        if checked < expected and metrics.get(METRIC_IN_SYNC) == 1.0:
+            del metrics[METRIC_IN_SYNC]
     return metrics
 
 
@@ -571,20 +623,44 @@ def _request_speculation_off(reason: str) -> str:
     return "speculation is turned OFF for the next step"
 
 
-def enforce_drafter_sync(verdict: SyncVerdict, mode: str) -> dict[str, float]:
+def _loud(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    logger.warning(message)
+    warnings.warn(message, DrafterSyncWarning, stacklevel=3)
+
+
+def enforce_drafter_sync(verdict: SyncVerdict, mode: str, announce_incomplete: bool = True) -> dict[str, float]:
     """Act on ``verdict`` per ``drafter_sync_check`` and return the step's metrics.
 
-    raise: DrafterOutOfSyncError with the list of problems. warn: a loud error on stderr, a
-    DrafterSyncWarning, ``rollout/mtp_drafter_in_sync`` = 0 and speculation off for the next step.
-    off: nothing (not even the metric).
+    A problem found: raise/auto: DrafterOutOfSyncError with the list of problems; warn: a loud
+    error on stderr, a DrafterSyncWarning, ``rollout/mtp_drafter_in_sync`` = 0 and speculation off
+    for the next step. No problem, every worker checked: ``in_sync`` = 1. No problem, but fewer
+    worker reports than workers: ``in_sync`` is not logged (nothing is claimed for unseen
+    workers); raise: DrafterOutOfSyncError; auto/warn: a loud warning (when
+    ``announce_incomplete``). The worker counts and ``checked_fraction`` are logged whenever the
+    expected count is known. off: nothing (no metric).
     """
     if mode not in DRAFTER_SYNC_CHECKS:
         raise ValueError(f"drafter_sync_check={mode!r}; valid choices are {', '.join(DRAFTER_SYNC_CHECKS)}")
     _latest_metrics.clear()
     if mode == "off":
         return {}
+    if verdict.workers_expected:
+        _latest_metrics[METRIC_WORKERS_CHECKED] = float(verdict.workers_seen)
+        _latest_metrics[METRIC_WORKERS_EXPECTED] = float(verdict.workers_expected)
+        _latest_metrics[METRIC_CHECKED_FRACTION] = min(verdict.workers_seen, verdict.workers_expected) / verdict.workers_expected
     if verdict.in_sync:
         _latest_metrics[METRIC_IN_SYNC] = 1.0
+        return dict(_latest_metrics)
+    if not verdict.problems:  # the workers seen agree, but not all workers were seen
+        message = verdict.incomplete_message()
+        if mode == "raise":
+            raise DrafterOutOfSyncError(
+                message + "\n(drafter_sync_check=raise requires every worker to be verified; set "
+                "actor_rollout_ref.model.mtp.drafter_sync_check=auto or warn to run with the partial check and a warning)"
+            )
+        if announce_incomplete:
+            _loud(f"[verl-mtp] WARNING: {message}.")
         return dict(_latest_metrics)
     message = verdict.message()
     if mode in ("auto", "raise"):
@@ -611,11 +687,16 @@ class DrafterSyncChecker:
     ``checker.finish(reports)`` once the engine reports; returns the metrics.
     """
 
-    def __init__(self, is_mtp: Callable[[str], bool], mode: str):
+    def __init__(self, is_mtp: Callable[[str], bool], mode: str, expected_workers: Optional[int], layout: str = ""):
+        """``expected_workers``: how many engine workers serve the replica (each should report);
+        None when unknown (then no sync is reported in sync). ``layout``: how it was formed."""
         if mode not in DRAFTER_SYNC_CHECKS:
             raise ValueError(f"drafter_sync_check={mode!r}; valid choices are {', '.join(DRAFTER_SYNC_CHECKS)}")
         self.is_mtp = is_mtp
         self.mode = mode
+        self.expected_workers = expected_workers
+        self.layout = layout
+        self._announced_coverage: Optional[int] = None
         self.sync_index = 0
         self._stream: Optional[StreamFingerprints] = None
         self._previous: Optional[dict[str, TensorFingerprint]] = None
@@ -636,11 +717,16 @@ class DrafterSyncChecker:
             sync_index=self.sync_index,
             previous_trainer=self._previous,
             previous_sync_index=self._previous_worker_syncs if self.sync_index > 1 else None,
+            expected_workers=self.expected_workers,
+            layout=self.layout,
         )
         self._previous = dict(self._stream.fingerprints)
         self._previous_worker_syncs = {r.get("worker", "?"): r.get("sync_index", 0) for r in reports}
         self._stream = None
-        return enforce_drafter_sync(verdict, self.mode)
+        # an incomplete view is announced once, and again whenever the number of reports changes
+        announce = verdict.complete or verdict.workers_seen != self._announced_coverage
+        self._announced_coverage = None if verdict.complete else verdict.workers_seen
+        return enforce_drafter_sync(verdict, self.mode, announce_incomplete=announce)
 
 
 # --- vLLM worker process: verl's vLLMColocateWorkerExtension --------------------------------------
@@ -674,6 +760,10 @@ def vllm_worker_begin_sync(worker: Any) -> None:
     recorder = getattr(worker, _WORKER_RECORDER_ATTR, None)
     if recorder is None:
         name = f"vllm worker rank {getattr(worker, 'rank', getattr(worker, 'local_rank', '?'))}"
+        # worker ranks restart at 0 in each data-parallel engine: name the engine too
+        parallel = getattr(getattr(getattr(worker, "model_runner", None), "vllm_config", None), "parallel_config", None)
+        if int(getattr(parallel, "data_parallel_size", 1) or 1) > 1:
+            name = f"vllm dp engine {getattr(parallel, 'data_parallel_rank', '?')} worker rank {getattr(worker, 'rank', '?')}"
         recorder = DrafterSyncRecorder(None, worker=name)
         setattr(worker, _WORKER_RECORDER_ATTR, recorder)
     recorder.start_sync()
@@ -715,6 +805,40 @@ _ADAPTER_CHECKER_ATTR = "_verl_mtp_drafter_checker"
 _UNCHECKED = object()
 
 
+def _field(config: Any, name: str, default: Any = None) -> Any:
+    value = config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
+    return default if value is None else value
+
+
+# vLLM's AsyncLLM client for data parallelism (DPLBAsyncMPClient) sends a utility call such as
+# collective_rpc to every data-parallel engine but returns only engine 0's result.
+VLLM_DP_REPORTS_NOTE = "vLLM's collective_rpc returns only data-parallel engine 0's worker results"
+
+
+def vllm_worker_layout(rollout_config: Any, pd_role: Optional[str] = None) -> tuple[Optional[int], str]:
+    """(how many vLLM workers serve the server a replica leader drives, how that count is formed).
+
+    verl 0.9.1's ServerAdapter: one server per replica with tensor x pipeline x data parallel
+    workers; in prefill/decode disaggregation one server per role, of that role's tensor-parallel
+    size (verl runs it with PP = DP = 1). (None, reason) when the config does not say."""
+    if rollout_config is None:
+        return None, "the rollout config is not available"
+    try:
+        tp = int(_field(rollout_config, "tensor_model_parallel_size", 1))
+        if pd_role is not None:
+            decode_tp = _field(_field(rollout_config, "disaggregation", {}), "decode_tensor_model_parallel_size")
+            size = int(decode_tp) if pd_role == "decode" and decode_tp is not None else tp
+            return size, f"{pd_role} server, tensor parallel {size}"
+        pp = int(_field(rollout_config, "pipeline_model_parallel_size", 1))
+        dp = int(_field(rollout_config, "data_parallel_size", 1))
+    except (TypeError, ValueError) as exc:
+        return None, f"the rollout parallel sizes are unreadable ({exc})"
+    layout = f"tensor {tp} x pipeline {pp} x data {dp} parallel"
+    if dp > 1:
+        layout += f"; {VLLM_DP_REPORTS_NOTE}"
+    return tp * pp * dp, layout
+
+
 def drafter_checker_for(adapter: Any) -> Optional[DrafterSyncChecker]:
     """The checker of a verl rollout adapter (cached on it), or None when the check is off / MTP
     speculative rollout is not enabled."""
@@ -734,7 +858,8 @@ def drafter_checker_for(adapter: Any) -> Optional[DrafterSyncChecker]:
                 f"cannot check the MTP drafter after weight syncs: {exc}; set "
                 f"{MTP_KEY_PREFIX}.drafter_sync_check=off to run without the check"
             ) from exc
-        checker = DrafterSyncChecker(is_mtp, mtp.drafter_sync_check)
+        expected, layout = vllm_worker_layout(getattr(adapter, "config", None), getattr(adapter, "_pd_role", None))
+        checker = DrafterSyncChecker(is_mtp, mtp.drafter_sync_check, expected, layout)
     setattr(adapter, _ADAPTER_CHECKER_ATTR, checker)
     return checker
 
@@ -778,6 +903,7 @@ def check_drafter_sync_run_config(config: Any, mtp: Any) -> None:
         return
     engine = _select(config, "actor_rollout_ref.rollout.name")
     backend = _select(config, "actor_rollout_ref.rollout.checkpoint_engine.backend", "naive")
+    data_parallel = _select(config, "actor_rollout_ref.rollout.data_parallel_size", 1)
     reason = None
     if engine != "vllm":
         reason = (
@@ -789,6 +915,23 @@ def check_drafter_sync_run_config(config: Any, mtp: Any) -> None:
             "checkpoint_engine.backend='delta_sharded' sends sparse deltas, not whole tensors, so the drafter's "
             "MTP tensors cannot be fingerprinted"
         )
+    elif int(data_parallel) > 1:
+        # Partly checkable: the verdict covers engine 0's workers only, and says so every sync.
+        partial = (
+            f"actor_rollout_ref.rollout.data_parallel_size={data_parallel}: {VLLM_DP_REPORTS_NOTE} "
+            f"(its DPLBAsyncMPClient), so only 1 of the {data_parallel} engines' drafters can be checked"
+        )
+        if mode == "raise":
+            raise MtpConfigError(
+                f"{MTP_KEY_PREFIX}.drafter_sync_check='raise' is invalid here: {partial}; valid choices are "
+                f"{MTP_KEY_PREFIX}.drafter_sync_check=auto or warn (check engine 0's workers, never log "
+                f"{METRIC_IN_SYNC}=1 for the others, warn) or off, or data_parallel_size=1"
+            )
+        _loud(
+            f"[verl-mtp] WARNING: the MTP drafter will be verified on data-parallel engine 0 only: {partial}. "
+            f"{METRIC_IN_SYNC} is not logged as 1; {METRIC_CHECKED_FRACTION} shows the share checked."
+        )
+        return
     if reason is None:
         return
     if mode == "raise":
