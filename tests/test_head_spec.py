@@ -107,3 +107,42 @@ def test_fused_expert_layout_is_transformers_in_memory_one(tiny):
     state = {n: tuple(t.shape) for n, t in _layer(tiny, config).state_dict().items()}
     assert label == "fused experts"
     assert {n: e.shape for n, e in fused.items()} == {n: s for n, s in state.items() if ".experts." in n}
+
+
+# --- the export check without a bridge's name table uses the same layout ------------------------
+
+
+def _export(tiny, depths=1, **overrides):
+    from verl_mtp.testing.tiny_hf import hf_tensor_shapes
+
+    config = tiny_config(tiny, depths, **overrides)
+    family = detect_family(config)
+    names = sorted(hf_tensor_shapes(config))
+    return config, family.naming(config, depths, names), names
+
+
+@pytest.mark.parametrize("tiny,dropped", [
+    ("deepseek_v3", "model.layers.2.self_attn.kv_b_proj.weight"),
+    ("glm4_moe", "model.layers.2.mlp.experts.3.down_proj.weight"),
+    ("mimo", "model.mtp_layers.0.self_attn.v_proj.bias"),
+    ("qwen3_next", "mtp.layers.0.mlp.shared_expert_gate.weight"),
+])
+def test_structural_export_check_names_a_tensor_the_config_head_has(tiny, dropped):
+    """One depth, so no other depth to compare with; the tensor is no core one: only the whole-head
+    layout catches it."""
+    from verl_mtp.models.export_check import IncompleteMtpExportError, check_mtp_export
+
+    config, naming, names = _export(tiny)
+    check_mtp_export(names, naming, 1, hf_config=config)  # complete
+    exported = [n for n in names if n != dropped]
+    check_mtp_export(exported, naming, 1)  # without the config: only core names and depths
+    with pytest.raises(IncompleteMtpExportError, match=rf"the config's head has: \['{dropped}'\]"):
+        check_mtp_export(exported, naming, 1, hf_config=config)
+
+
+def test_structural_export_check_falls_back_when_the_config_lacks_sizes():
+    from verl_mtp.models.export_check import check_mtp_export
+
+    config, naming, names = _export("glm4_moe")
+    del config["num_attention_heads"]
+    check_mtp_export([n for n in names if not n.endswith("k_proj.weight")], naming, 1, hf_config=config)

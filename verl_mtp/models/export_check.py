@@ -9,7 +9,8 @@ MTP with the family's naming (``verl_mtp.models``) and compares them with what t
   rank holds the MTP block: the exported MTP names must equal the expected ones, each once;
 - structural otherwise (Megatron-Bridge, or a pipeline stage without the MTP block): every
   depth ``0..D-1`` the model has is present, no other depth, every core tensor of each depth
-  (norms, projection), the same tensor names in every depth, nothing twice.
+  (norms, projection) and every tensor the HF config's head has (``verl_mtp.models.head_spec``,
+  by name), the same tensor names in every depth, nothing twice.
 
 A failure raises :class:`IncompleteMtpExportError` naming the missing / unexpected tensors.
 
@@ -32,6 +33,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 
 from verl_mtp.models.families import MtpNaming, UnknownFamilyError, detect_family
+from verl_mtp.models.head_spec import check_head, head_spec
 
 
 logger = logging.getLogger(__name__)
@@ -79,11 +81,14 @@ def check_mtp_export(
     depths: int,
     expected: Optional[list[str]] = None,
     where: str = "export",
+    hf_config: Optional[dict] = None,
 ) -> None:
     """Raise IncompleteMtpExportError unless the exported MTP names are complete.
 
     ``naming`` classifies HF names; ``depths`` is the model's MTP depth count; ``expected``
-    (optional) the exact MTP names the export must contain.
+    (optional) the exact MTP names the export must contain; ``hf_config`` (optional, config.json
+    as a dict) gives the whole head's names (``verl_mtp.models.head_spec``) for the check without
+    ``expected``.
     """
     mtp = [n for n in exported_names if naming.is_mtp(n)]
     problems = []
@@ -108,6 +113,16 @@ def check_mtp_export(
     absent_core = [naming.name(k) for k in naming.required_keys() if k not in present] if depths else []
     if absent_core and expected is None:
         problems.append(f"missing core MTP tensor(s): {absent_core}")
+    if expected is None and depths and hf_config is not None:
+        # Without a bridge's exact list: every tensor the config's head has (by name; the
+        # tools of verl_mtp.ckpt check shapes too), unless the config cannot give the layout.
+        spec = head_spec(naming.family, hf_config, depths)
+        if spec.derivable:
+            lacking = [n for n in check_head(spec, naming, {k: None for k in present}).missing
+                       if n not in absent_core and naming.depth_of(n) in (None, *range(depths))]
+            lacking = [n for n in lacking if not n.endswith(".*")]  # whole depths: reported above
+            if lacking:
+                problems.append(f"missing MTP tensor(s) the config's head has: {lacking}")
     if expected is None and not naming.family.projection_shared and depths > 1:
         per_depth = {d: sorted(r for dd, r in keys if dd == d) for d in range(depths)}
         reference = per_depth[0]
@@ -169,7 +184,7 @@ class MtpExportChecker:
         if not self.active:
             return
         naming = self.family.naming(self.config, self.depths, self.names)
-        check_mtp_export(self.names, naming, self.depths, self.expected, where=self.where)
+        check_mtp_export(self.names, naming, self.depths, self.expected, where=self.where, hf_config=self.config)
 
 
 # Default of ``checked_export(group=...)``: the default process group, when one is initialised.

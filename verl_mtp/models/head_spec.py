@@ -453,8 +453,8 @@ def _companion(spec: HeadSpec, rest: str, expected: Tensors, shape: tuple[int, .
     return None
 
 
-def check_head(spec: HeadSpec, naming: MtpNaming, present: Mapping[MtpKey, tuple[int, ...]]) -> HeadCheck:
-    """Compare a checkpoint's MTP tensors (key -> shape) with ``spec``."""
+def check_head(spec: HeadSpec, naming: MtpNaming, present: Mapping[MtpKey, Optional[tuple[int, ...]]]) -> HeadCheck:
+    """Compare a checkpoint's MTP tensors (key -> shape; None: shape unknown, names only) with ``spec``."""
     check = HeadCheck(config=list(spec.problems), notes=list(spec.notes))
     depths = spec.depths
     if depths == 0:
@@ -467,7 +467,7 @@ def check_head(spec: HeadSpec, naming: MtpNaming, present: Mapping[MtpKey, tuple
             check._add("beyond_depths", "beyond", naming.name((depth, rest)))
             check._add("unexpected", "beyond", naming.name((depth, rest)))
             continue
-        groups.setdefault(depth, {})[rest] = tuple(shape)
+        groups.setdefault(depth, {})[rest] = None if shape is None else tuple(shape)
     layouts: list[tuple[Optional[int], Tensors]] = []
     if depths:
         layouts.append((None, spec.shared))
@@ -492,10 +492,10 @@ def check_head(spec: HeadSpec, naming: MtpNaming, present: Mapping[MtpKey, tuple
             if rest not in held:
                 if want.required and not (loose and want.kind == LINEAR):
                     check._add("missing", label, name)
-            elif shapes and held[rest] != want.shape and not (loose and want.kind == LINEAR):
+            elif shapes and held[rest] is not None and held[rest] != want.shape and not (loose and want.kind == LINEAR):
                 check._add("misshapen", label, f"{name} {_shape(held[rest])}, expected {_shape(want.shape)}")
         for rest in sorted(set(held) - set(tensors), key=_natural):
-            verdict = _companion(spec, rest, tensors, held[rest])
+            verdict = _companion(spec, rest, tensors, held[rest] or ())
             name = naming.name((depth, rest))
             if verdict == "":
                 check._add("unexpected", label, name)
