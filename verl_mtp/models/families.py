@@ -181,7 +181,8 @@ class Family:
     model_types / architectures: how ``config.json`` names it (top level or under ``text_config``).
     depth_key: the config key that declares the MTP depth count.
     layout: the MTP weight names, for messages.
-    core: per-depth tensors (``rest`` names) every complete depth has.
+    core: per-depth tensors (``rest`` names) that identify a depth (the family's own fusion
+        tensors); the whole layout, derived from config.json, is ``verl_mtp.models.head_spec``'s.
     shared_core: tensors shared by all depths that a complete head has (Qwen).
     projection: the [hidden, 2*hidden] input projection (``rest`` name), per depth or shared.
     drafter_suffixes: trunk tensors a drafter needs besides the MTP layers.
