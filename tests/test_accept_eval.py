@@ -510,3 +510,163 @@ def test_cli_bad_inputs_exit_2(tmp_path, checkpoints, capsys):
         assert code == 2, (args, out, err)
         assert message in err, (args, err)
         assert out == ""
+
+
+# --- every family accept-eval claims -------------------------------------------------------------
+#
+# DeepSeek-V3 and GLM-4.5 run on CPU like MiMo (their MoE routers need megatron-core 0.16's missing
+# ``te_general_gemm`` bound, see verl_mtp.megatron.single_process.moe_router_gemm_without_te).
+# The matched head is built as the MiMo one in the module doc, on a one-layer MoE trunk: the trunk
+# layer's attention output projection is zero, the MTP layer (HF layer L = 1) is a copy of it with
+# its router and expert bias, ``enorm`` = 1 over unit-RMS embeddings, ``shared_head.norm`` = the
+# trunk's final norm, and ``eh_proj`` = [I | 0] (these families store megatron's [embedding |
+# hidden] order, so no half swap). Every MTP tensor of the random head is random.
+
+MOE_FAMILIES = ("deepseek_v3", "glm4_moe")
+
+
+def write_moe_checkpoint(path, family, head, seed=11):
+    from verl_mtp.testing.tiny_hf import random_tensors, tiny_config, write_checkpoint
+
+    config = tiny_config(family, 1, num_hidden_layers=1, first_k_dense_replace=0)
+    t = random_tensors(config, seed)
+    h = config["hidden_size"]
+    emb = t["model.embed_tokens.weight"]
+    t["model.embed_tokens.weight"] = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
+    t["model.layers.0.self_attn.o_proj.weight"].zero_()
+    mtp = "model.layers.1."
+    if head == "matched":
+        for name in [n for n in t if n.startswith("model.layers.0.")]:
+            t[mtp + name[len("model.layers.0."):]] = t[name].clone()
+        t[mtp + "enorm.weight"] = torch.ones(h)
+        t[mtp + "eh_proj.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)
+        t[mtp + "shared_head.norm.weight"] = t["model.norm.weight"].clone()
+    if mtp + "embed_tokens.weight" in t:  # DeepSeek-V3's per-depth copies equal the trunk's
+        t[mtp + "embed_tokens.weight"] = t["model.embed_tokens.weight"].clone()
+        t[mtp + "shared_head.head.weight"] = t["lm_head.weight"].clone()
+    write_checkpoint(str(path), config, t, shards=1)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("accept_eval_moe")
+    return {(f, head): write_moe_checkpoint(root / f"{f}_{head}", f, head)
+            for f in MOE_FAMILIES for head in ("matched", "random")}
+
+
+def _ids_file(tmp_path, n=3, response_len=24, seed=5):
+    return write_jsonl(tmp_path / "ids.jsonl", [
+        {"prompt_ids": s.prompt_ids, "response_ids": s.response_ids}
+        for s in random_samples(n, response_len=response_len, seed=seed)
+    ])
+
+
+def _cli_report(capsys, checkpoint, data, *args):
+    code, out, err = run_cli(capsys, checkpoint, data, "--json", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_family_end_to_end_matched_head_accepted_random_head_not(tmp_path, moe_checkpoints, capsys, family):
+    ids = _ids_file(tmp_path)
+    matched = _cli_report(capsys, moe_checkpoints[family, "matched"], ids, "-k", "2")
+    assert matched["family"] == family and matched["device"] == "cpu" and matched["mtp_layers"] == 1
+    assert [p["anchors"] for p in matched["greedy"]["positions"]] == [3 * 23, 3 * 22]
+    # position 2 reuses the one MTP layer: still the verifier's prediction, so accepted too
+    assert [p["marginal"] for p in matched["greedy"]["positions"]] == [1.0, 1.0]
+    assert matched["greedy"]["expected_accepted"] == [1.0, 2.0]
+    for p in matched["sampled"]["1"]["positions"]:
+        assert p["marginal"] == pytest.approx(1.0, abs=1e-4)
+
+    random_head = _cli_report(capsys, moe_checkpoints[family, "random"], ids, "-k", "2")
+    first = random_head["greedy"]["positions"][0]["marginal"]
+    assert first < 0.3, random_head["greedy"]
+    assert random_head["sampled"]["1"]["positions"][0]["marginal"] < 0.9
+
+
+def test_cpu_megatron_binds_the_router_name_only_while_active():
+    from megatron.core.transformer.moe import moe_utils
+
+    from verl_mtp.megatron.single_process import cpu_megatron
+
+    had = "te_general_gemm" in vars(moe_utils)  # megatron-core 0.18: bound (None without TE)
+    before = vars(moe_utils).get("te_general_gemm")
+    with cpu_megatron():
+        assert "te_general_gemm" in vars(moe_utils)
+        if not had:
+            assert moe_utils.te_general_gemm is None
+    assert ("te_general_gemm" in vars(moe_utils)) == had
+    assert vars(moe_utils).get("te_general_gemm") is before
+
+
+# config.json keys that have a default in each family's config class (transformers' own, or
+# Qwen2Config for MiMo, whose remote MiMoConfig derives from it); the tiny configs hold exactly
+# those defaults, so dropping them must not change a single number.
+DEFAULTED_KEYS = {
+    "mimo": ("attention_dropout", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+             "tie_word_embeddings", "hidden_act"),
+    "deepseek_v3": ("attention_dropout", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+                    "tie_word_embeddings", "hidden_act", "num_key_value_heads", "rope_scaling", "norm_topk_prob"),
+    "glm4_moe": ("attention_dropout", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
+                 "hidden_act", "head_dim", "partial_rotary_factor", "use_qk_norm", "routed_scaling_factor",
+                 "n_group", "topk_group", "norm_topk_prob"),
+}
+
+
+def _without_keys(src, dst, keys):
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    for k in keys:
+        assert k in config, k  # the test drops what the checkpoint really had
+        del config[k]
+    (dst / "config.json").write_text(json.dumps(config))
+    return str(dst)
+
+
+@pytest.mark.parametrize("family", ["mimo", *MOE_FAMILIES])
+def test_config_without_defaulted_keys_gives_the_same_report(tmp_path, checkpoints, moe_checkpoints, capsys, family):
+    source = checkpoints["matched"] if family == "mimo" else moe_checkpoints[family, "matched"]
+    ids = _ids_file(tmp_path, n=2, response_len=12)
+    full = _cli_report(capsys, source, ids, "-k", "2")
+    keys = DEFAULTED_KEYS[family]
+    if family == "mimo":
+        keys = keys[:1]  # the issue's case alone first: only attention_dropout missing
+        alone = _cli_report(capsys, _without_keys(source, tmp_path / "no_dropout", keys), ids, "-k", "2")
+        assert {**alone, "checkpoint": source} == full
+        keys = DEFAULTED_KEYS[family]
+    sparse = _cli_report(capsys, _without_keys(source, tmp_path / "sparse", keys), ids, "-k", "2")
+    assert {**sparse, "checkpoint": source} == full
+    assert full["greedy"]["expected_accepted"] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("family, key", [
+    ("mimo", "hidden_size"), ("mimo", "num_key_value_heads"),
+    ("deepseek_v3", "q_lora_rank"), ("deepseek_v3", "moe_intermediate_size"),
+    ("glm4_moe", "n_routed_experts"), ("glm4_moe", "num_key_value_heads"),
+])
+def test_config_without_a_shape_key_exits_2_naming_it(tmp_path, checkpoints, moe_checkpoints, capsys, family, key):
+    source = checkpoints["matched"] if family == "mimo" else moe_checkpoints[family, "matched"]
+    broken = _without_keys(source, tmp_path / f"no_{key}", [key])
+    code, out, err = run_cli(capsys, broken, str(tmp_path / "not_read.jsonl"))
+    # refused before the data is read (and long before a model is built)
+    assert code == 2 and out == "", err
+    assert f"config.json lacks {key!r}" in err and "no default is assumed" in err, err
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"], "mtp_num_hidden_layers": 1},
+    {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+     "text_config": {"model_type": "qwen3_5_moe_text", "mtp_num_hidden_layers": 1}},
+])
+def test_gated_delta_net_families_are_refused_with_the_reason(tmp_path, capsys, config):
+    path = tmp_path / config["model_type"]
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    code, out, err = run_cli(capsys, str(path), str(tmp_path / "not_read.jsonl"))
+    assert code == 2 and out == "", err
+    assert "cannot be built into megatron-core here, on CPU or GPU" in err
+    assert "gated-delta-net" in err and "flash-linear-attention" in err

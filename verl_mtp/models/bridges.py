@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from verl_mtp.models.families import Family, detect_family
+from verl_mtp.models.families import Family, detect_family, text_config
 
 # megatron names: mtp.layers.{i}.{rest}; the MTP transformer layer is `transformer_layer` on
 # megatron-core <= 0.16 and `mtp_model_layer` on 0.18.
@@ -616,32 +616,92 @@ _CPU_OVERRIDES = dict(
 )
 
 
+# Model types whose config class is remote code, and the transformers class that class derives
+# from: its defaults fill the keys config.json leaves out, as loading with trust_remote_code would
+# (MiMo's MiMoConfig is Qwen2Config plus num_nextn_predict_layers).
+_REMOTE_CONFIG_BASES = {"mimo": "Qwen2Config"}
+
+
 def _hf_config_object(hf_path: str, config: dict):
     """A transformers config for the bridge: AutoConfig when transformers knows the model type,
-    else a plain PretrainedConfig carrying every key of config.json (MiMo is remote code)."""
+    else the remote class's transformers base (``_REMOTE_CONFIG_BASES``) or a plain
+    PretrainedConfig, carrying every key of config.json."""
+    import transformers
     from transformers import AutoConfig, PretrainedConfig
 
     try:
         obj = AutoConfig.from_pretrained(hf_path)
     except (ValueError, KeyError):
-        obj = PretrainedConfig.from_dict(dict(config))
+        base = getattr(transformers, _REMOTE_CONFIG_BASES.get(config.get("model_type"), ""), PretrainedConfig)
+        obj = base.from_dict(dict(config))
         for key, value in config.items():
             setattr(obj, key, value)
     return obj
 
 
-def _bridge_class_for(config: dict, family: Family) -> type:
-    classes = bridge_classes()
+# config.json keys that set tensor shapes or the layer layout, per bridge (``bridge_key``). The
+# transformers config classes default them to one full-size model's values, which would build a
+# model the checkpoint's tensors do not fit; every other key the bridges read has the default of
+# the family's config class (attention_dropout 0.0, rms_norm_eps, rope_theta, ...).
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_MOE_SIZES = ("moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+              "first_k_dense_replace")
+STRUCTURAL_CONFIG_KEYS = {
+    "mimo": _SIZES + ("num_key_value_heads",),
+    "deepseek_v3": _SIZES + _MOE_SIZES + ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                          "qk_rope_head_dim", "v_head_dim"),
+    "glm4_moe": _SIZES + ("num_key_value_heads",) + _MOE_SIZES,
+    "qwen_mtp_naming": _SIZES + ("num_key_value_heads", "head_dim"),
+}
+
+# Families detect_family knows that no bridge here can build, and why.
+_UNBUILDABLE = {
+    "qwen3_next": (
+        "its trunk interleaves gated-delta-net (linear attention) layers with gated full attention: "
+        "mbridge has no bridge for it, and megatron-core's GatedDeltaNet needs the "
+        "flash-linear-attention (fla) Triton kernels, which run on a GPU only"
+    ),
+}
+_UNBUILDABLE["qwen3_5"] = _UNBUILDABLE["qwen3_next"]
+
+
+def bridge_key(config: dict, family: Family) -> str:
+    """The ``bridge_classes()`` key ``load_hf_model`` uses for ``config``; ValueError with the reason
+    when none can build it. Imports nothing heavy (checks can run before a load)."""
     model_type = config.get("model_type")
     if model_type in REGISTERED_MODEL_TYPES:
-        return classes[REGISTERED_MODEL_TYPES[model_type]]
+        return REGISTERED_MODEL_TYPES[model_type]
     if model_type == "qwen3" and family.name in ("qwen3_5", "qwen3_next"):
-        return classes["qwen_mtp_naming"]
-    raise ValueError(
-        f"config.json model_type={model_type!r} ({family.title}): no megatron bridge here; "
-        f"supported: {', '.join(sorted(REGISTERED_MODEL_TYPES))}, and model_type 'qwen3' with "
-        f"Qwen3.5 / Qwen3-Next MTP names (ordinary attention trunk)"
+        return "qwen_mtp_naming"
+    supported = (
+        f"supported: model_type {', '.join(sorted(REGISTERED_MODEL_TYPES))}, and 'qwen3' with Qwen3.5 / "
+        f"Qwen3-Next MTP names (ordinary attention trunk)"
     )
+    if family.name in _UNBUILDABLE:
+        raise ValueError(
+            f"config.json model_type={model_type!r}: {family.title} cannot be built into megatron-core "
+            f"here, on CPU or GPU: {_UNBUILDABLE[family.name]}; {supported}"
+        )
+    raise ValueError(f"config.json model_type={model_type!r} ({family.title}): no megatron bridge here; {supported}")
+
+
+def missing_structural_keys(config: dict, key: str) -> list[str]:
+    """The ``STRUCTURAL_CONFIG_KEYS`` of bridge ``key`` that config.json lacks (a key set to null
+    counts as present: DeepSeek's ``q_lora_rank: null`` means no query compression)."""
+    present = text_config(config)
+    return [k for k in STRUCTURAL_CONFIG_KEYS.get(key, ()) if k not in present]
+
+
+def _bridge_class_for(config: dict, family: Family) -> type:
+    key = bridge_key(config, family)
+    missing = missing_structural_keys(config, key)
+    if missing:
+        raise ValueError(
+            f"config.json lacks {', '.join(repr(k) for k in missing)}: "
+            f"{'it sets' if len(missing) == 1 else 'they set'} tensor shapes or the layer layout of "
+            f"{family.title}, so no default is assumed; add {'it' if len(missing) == 1 else 'them'} to config.json"
+        )
+    return bridge_classes()[key]
 
 
 def load_hf_model(hf_path: str, *, mtp_num_layers: int | None = None, dtype=torch.float32) -> LoadedModel:

@@ -579,6 +579,7 @@ def run_accept_eval(
             f"checkpoint {checkpoint!r} has no MTP head: config.json declares no MTP depths "
             f"({family.depth_key} missing or 0); graft one with `verl-mtp ckpt graft`"
         )
+    check_buildable(checkpoint, config, family)
     samples = read_samples(data, tokenizer_loader(tokenizer or checkpoint), max_samples)
     declared_vocab = text_config(config).get("vocab_size")
     if isinstance(declared_vocab, int):
@@ -599,6 +600,24 @@ def run_accept_eval(
         model, samples, k_max=k_max, temperatures=temperatures, vocab_size=vocab_size, device=torch_device,
         checkpoint=checkpoint, data=data, family=family.name, anchor_chunk=anchor_chunk,
     )
+
+
+def check_buildable(checkpoint: str, config: dict, family) -> None:
+    """Refuse, before anything loads, a checkpoint no bridge can build (Qwen3-Next / Qwen3.5
+    trunks) or whose config.json lacks a key that sets tensor shapes; keys with a family default
+    (attention_dropout, rms_norm_eps, rope_theta, ...) are filled by the bridge's config class."""
+    from verl_mtp.models.bridges import bridge_key, missing_structural_keys
+
+    try:
+        key = bridge_key(config, family)
+    except ValueError as exc:
+        raise AcceptEvalError(f"checkpoint {checkpoint!r}: {exc}") from None
+    missing = missing_structural_keys(config, key)
+    if missing:
+        raise AcceptEvalError(
+            f"checkpoint {checkpoint!r}: config.json lacks {', '.join(repr(k) for k in missing)}, which "
+            f"{family.title} needs to build the model (tensor shapes or layer layout; no default is assumed)"
+        )
 
 
 def _seed_cuda_rng() -> None:
