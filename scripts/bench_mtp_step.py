@@ -58,6 +58,7 @@ def regimes(chunk_tokens: int, with_mini_batch_scope: bool, with_unchunked: bool
 def build_runs(args, seq_len: int, configs: dict) -> dict:
     import verl.workers.engine_workers as engine_workers
 
+    from verl_mtp.loss import actor_update_step
     from verl_mtp.testing import engine_step
     from verl_mtp.testing.memory import peak_tensor_bytes
     from verl_mtp.testing.tiny_megatron import TinyGPTSpec
@@ -86,7 +87,8 @@ def build_runs(args, seq_len: int, configs: dict) -> dict:
 
         def step(engine=engine, loss_function=loss_function):
             engine.micro_batch_metrics.clear()
-            engine.train_batch(data, loss_function)
+            with actor_update_step(loss_function):  # one mini-batch per step (OCC computes its sums all the same)
+                engine.train_batch(data, loss_function)
 
         step()  # warm-up (also creates the gradient buffers, so the peak below is a steady step's)
         if torch.cuda.is_available():

@@ -168,6 +168,11 @@ def test_occ_coefficients_come_from_calibration():
     config = make_config(mtp_coef_mode="occ", occ_scope="micro_batch")
     data, output, ref = make_batch()
     loss_fn = MtpPolicyLoss(ppo_loss)
+    with pytest.raises(MtpLossError, match="outside verl's mini-batch loop"):
+        loss_fn(config, output, data)  # OCC never guesses where in the schedule it is
+    loss_fn.begin_update_step(config)
+    loss_fn.begin_mini_batch(config)
+    loss_fn.begin_mini_batch(config)  # the step's second mini-batch: off-policy
     ours, metrics = loss_fn(config, output, data)
     masks = [pad([(m > 0) & v for m, v in zip(ref["mask"], ref["mtp"][k][1])], False).bool() for k in range(DEPTHS)]
     expected = calibrate([OccCoefficient(), OccCoefficient()], pad(ref["log_prob"]).detach(),
@@ -176,6 +181,13 @@ def test_occ_coefficients_come_from_calibration():
     stock, _ = ppo_loss(config, output, data)
     torch.testing.assert_close(ours - stock, reference_mtp_term(config, ref, expected, [1.0, 1.0]), rtol=1e-5, atol=1e-6)
     assert metrics["actor/mtp_1/occ_on_policy"] == 0.0
+    # The step's next one is on-policy again: lambda follows occ_on_policy_coef (previous), not the formula.
+    loss_fn.end_update_step(config)
+    loss_fn.begin_update_step(config)
+    loss_fn.begin_mini_batch(config)
+    _, metrics = loss_fn(config, output, data)
+    assert metrics["actor/mtp_1/occ_on_policy"] == 1.0
+    assert [metrics[f"actor/mtp_{k}/coef"] for k in (1, 2)] == pytest.approx(expected)
 
 
 def test_ce_loss_type_leaves_verl_loss_alone():

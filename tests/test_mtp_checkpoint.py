@@ -85,7 +85,9 @@ def fresh_policy_loss(monkeypatch):
 def train_step(model, config, policy_loss, seed):
     """One step of verl's train_batch; ``config`` is the run's one actor config (verl binds it once)."""
     engine = engine_step.CpuStandInEngine(model, micro_batch_size=2)
-    engine.train_batch(mini_batch(seed), functools.partial(policy_loss, config=config))
+    loss_function = functools.partial(policy_loss, config=config)
+    with engine_step.in_update_step(loss_function, mini_batch_index=1):  # off-policy: OCC measures
+        engine.train_batch(mini_batch(seed), loss_function)
     return [m[f"actor/mtp_{k}/coef"] for m in engine.micro_batch_metrics for k in range(1, DEPTHS + 1)]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from verl_mtp.config import ExtendedMtpConfig
-from verl_mtp.occ import OccCoefficient, calibrate, occ_partial_sums
+from verl_mtp.occ import OccCoefficient, UpdateSchedule, calibrate, occ_partial_sums
 from verl_mtp.testing.gloo import run_on_gloo_ranks
 
 
@@ -69,14 +69,48 @@ def test_on_policy_minibatch_uses_the_configured_rule(rule, expected):
     old, delta, mask = _batch(5)
     coef = OccCoefficient(on_policy=rule, fixed=0.1, eps=1e-12)
     coef.update(occ_partial_sums(old + delta, old + 2 * delta, old, mask))  # off-policy: 0.5
-    on_policy = coef.update(occ_partial_sums(old, old + delta, old, mask))  # pi_theta == pi_old
+    on_policy = coef.update(occ_partial_sums(old, old + delta, old, mask), on_policy=True)  # pi_theta == pi_old
     assert coef.last["on_policy"] == 1.0 and coef.last["numerator"] == 0.0
     assert on_policy == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("rule, expected", [("zero", 0.0), ("fixed", 0.1), ("previous", 0.5)])
+def test_on_policy_is_the_schedules_word_not_a_threshold_on_delta_rl(rule, expected):
+    """bf16: the old log-probs from another pass differ by ~1e-3 per token on the on-policy
+    mini-batch. The formula there is noise (here -0.5 or +0.5 by the noise's sign); the schedule's
+    flag gives the rule's value and leaves ``previous`` untouched."""
+    old, delta, mask = _batch(5)
+    noise = 1e-3 * torch.sign(torch.randn(old.shape, generator=torch.Generator().manual_seed(3)))
+    coef = OccCoefficient(on_policy=rule, fixed=0.1, eps=1e-12)
+    coef.update(occ_partial_sums(old + delta, old + 2 * delta, old, mask))  # off-policy: 0.5
+    for sign in (-1.0, 1.0):
+        value = coef.update(occ_partial_sums(old + noise, old + sign * 2 * noise, old, mask), on_policy=True)
+        assert value == pytest.approx(expected)
+        assert coef.last["raw_coef"] == pytest.approx(sign * 0.5, rel=1e-4)  # what the threshold rule would use
+        assert coef.last["delta_rl_rms"] == pytest.approx(1e-3, rel=1e-4)
+    assert coef.last_off_policy == pytest.approx(0.5)
+    # The same sums off-policy are taken at face value.
+    assert coef.update(occ_partial_sums(old + noise, old + 2 * noise, old, mask)) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_update_schedule_marks_only_the_first_mini_batch_of_a_step():
+    schedule = UpdateSchedule()
+    assert schedule.on_policy is None  # outside verl's loop: unknown, never guessed
+    for _step in range(2):
+        schedule.begin_step()
+        seen = []
+        for _ in range(3):  # e.g. 3 mini-batches (or ppo_epochs x mini-batches)
+            schedule.begin_mini_batch()
+            seen.append(schedule.on_policy)
+        assert seen == [True, False, False]
+        schedule.end_step()
+        assert schedule.on_policy is None
+
+
 def test_previous_is_zero_before_any_off_policy_minibatch():
     old, delta, mask = _batch(6)
-    assert OccCoefficient(on_policy="previous").update(occ_partial_sums(old, old + delta, old, mask)) == 0.0
+    coef = OccCoefficient(on_policy="previous")
+    assert coef.update(occ_partial_sums(old, old + delta, old, mask), on_policy=True) == 0.0
 
 
 def test_ema_and_clip():

@@ -1,6 +1,6 @@
 """OCC over the whole global mini-batch (occ_scope=mini_batch) through verl's BaseEngine.train_batch.
 
-Real parts: verl's ``BaseEngine.train_batch`` (wrapped by the ``occ_mini_batch_prepass`` patch),
+Real parts: verl's ``BaseEngine.train_batch`` (wrapped by the ``occ_update_schedule`` patch),
 the tiny megatron-core model, verl's engine forward, and the actor loss verl's engine_workers
 binds. Stand-in: ``CpuStandInEngine`` replaces the CUDA-only MegatronEngine's micro-batch loop and
 optimizer (see verl_mtp/testing/engine_step.py).
@@ -75,7 +75,8 @@ def test_mini_batch_scope_uses_one_lambda_from_the_whole_mini_batch():
 
     engine = engine_step.CpuStandInEngine(model, micro_batch_size=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    engine.train_batch(data, loss_function)  # verl's BaseEngine.train_batch, patched
+    with engine_step.in_update_step(loss_function, mini_batch_index=1):
+        engine.train_batch(data, loss_function)  # verl's BaseEngine.train_batch, patched
     assert engine.forward_only_calls == 1  # the pre-pass
     assert len(engine.micro_batch_metrics) == 2
     for metrics in engine.micro_batch_metrics:
@@ -99,7 +100,8 @@ def test_micro_batch_scope_runs_no_pre_pass_and_calibrates_each_micro_batch():
     data = mini_batch(1)
     per_micro = reference_coefs(model, data, mtp, micro_batch_size=2)
     engine = engine_step.CpuStandInEngine(model, micro_batch_size=2)
-    engine.train_batch(data, loss_function)
+    with engine_step.in_update_step(loss_function, mini_batch_index=1):
+        engine.train_batch(data, loss_function)
     assert engine.forward_only_calls == 0
     # The first micro-batch runs before any update, so it sees the reference model exactly.
     for k in range(1, DEPTHS + 1):
@@ -118,7 +120,8 @@ def test_first_mini_batch_of_a_step_is_on_policy_in_the_pre_pass():
         out["log_probs"][i][len(p) - 1 : len(p) + len(r) - 1].clone() for i, (p, r) in enumerate(zip(data["prompts"], data["responses"]))
     ]
     engine = engine_step.CpuStandInEngine(model, micro_batch_size=2)
-    engine.train_batch(data, loss_function)
+    with engine_step.in_update_step(loss_function, mini_batch_index=0):
+        engine.train_batch(data, loss_function)
     for metrics in engine.micro_batch_metrics:
         assert metrics["actor/mtp_1/occ_on_policy"] == 1.0
         assert metrics["actor/mtp_1/coef"] == 0.0  # occ_on_policy_coef=previous, nothing measured before

@@ -11,6 +11,8 @@ attention accepts; the test hands megatron's local attention the equivalent 4-D 
 path needs TransformerEngine and is covered by the packed tests of the pieces.
 """
 
+import functools
+
 import pytest
 import torch
 from verl.workers.utils.losses import ppo_loss
@@ -20,6 +22,7 @@ from verl_mtp.loss import MtpPolicyLoss
 from verl_mtp.megatron.compat import expected_gradient_reach
 from verl_mtp.megatron.grad_reach import gradient_norms_by_group
 from verl_mtp.testing import engine_step
+from verl_mtp.testing.engine_step import in_update_step
 from verl_mtp.testing.tiny_megatron import TinyGPTSpec, cpu_megatron
 
 pytestmark = pytest.mark.megatron
@@ -108,7 +111,9 @@ def test_installed_actor_loss_trains_the_mtp_head_with_occ():
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("mtp.")}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     out = engine_forward(model, prompts, responses)
-    loss, metrics = engine_workers.ppo_loss(config, out, data)
+    loss_function = functools.partial(engine_workers.ppo_loss, config=config)
+    with in_update_step(loss_function, mini_batch_index=1, engine_trains=False):  # off-policy: OCC measures
+        loss, metrics = loss_function(model_output=out, data=data)
     assert torch.isfinite(loss)
     for k in (1, 2):
         assert f"actor/mtp_{k}/pg_loss" in metrics and metrics[f"actor/mtp_{k}/occ_on_policy"] == 0.0

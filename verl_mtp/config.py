@@ -391,6 +391,9 @@ def validate_mtp_run_config(config: Any) -> ExtendedMtpConfig:
         check_drafter_sync_run_config(config, mtp)
     resolve_run_depths(config, mtp)
     _check_distillation(config, mtp)
+    from verl_mtp.run_checks import check_run
+
+    check_run(config, mtp)  # the update schedule and parallel layout OCC needs
     return mtp
 
 

@@ -23,6 +23,7 @@ that update. With ``micro_batch`` each micro-batch's sums (over all DP ranks) gi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Optional
 
@@ -30,7 +31,7 @@ import torch
 
 from verl_mtp.align import align_mtp_to_main_head
 from verl_mtp.config import as_extended
-from verl_mtp.occ import OccCoefficient, all_reduce_sums, calibrate, occ_partial_sums
+from verl_mtp.occ import OccCoefficient, UpdateSchedule, all_reduce_sums, calibrate, occ_partial_sums
 
 MTP_LOG_PROBS_KEY = "mtp_log_probs"
 MTP_VALID_KEY = "mtp_valid"
@@ -59,6 +60,36 @@ class MtpPolicyLoss:
         self._occ_frozen: dict[int, list[float]] = {}
         # OCC state read from a checkpoint before the first OCC step builds the coefficients.
         self._occ_restore: Optional[list[dict]] = None
+        # Where each actor is in verl's update loop (keyed like the OCC state).
+        self._schedules: dict[int, UpdateSchedule] = {}
+        self._patches_checked: set[int] = set()
+
+    # --- verl's update schedule (which mini-batch is on-policy) ------------------------------
+
+    def schedule(self, config: Any) -> UpdateSchedule:
+        return self._schedules.setdefault(id(config), UpdateSchedule())
+
+    def begin_update_step(self, config: Any) -> None:
+        """verl's worker starts a step's mini-batch loop (``TrainingWorker.train_mini_batch``)."""
+        self.schedule(config).begin_step()
+
+    def end_update_step(self, config: Any) -> None:
+        self.schedule(config).end_step()
+
+    def begin_mini_batch(self, config: Any) -> None:
+        """The engine starts training one mini-batch (``BaseEngine.train_batch``)."""
+        self.schedule(config).begin_mini_batch()
+
+    def on_policy(self, config: Any) -> bool:
+        """Whether the mini-batch being trained is the step's first (pi_theta == pi_old)."""
+        on_policy = self.schedule(config).on_policy
+        if on_policy is None:
+            raise MtpLossError(
+                "mtp_coef_mode=occ but this actor update ran outside verl's mini-batch loop, so OCC cannot "
+                "tell the on-policy first mini-batch of a step from the others: the update_schedule patch "
+                "(TrainingWorker.train_mini_batch, BaseEngine.train_batch) is not active in this worker"
+            )
+        return on_policy
 
     def occ_coefficients(self, config: Any, mtp, depths: int) -> list[OccCoefficient]:
         coefs = self._occ.get(id(config))
@@ -98,9 +129,15 @@ class MtpPolicyLoss:
         self._occ_restore = [dict(one) for one in state]
 
     def __call__(self, config, model_output, data, dp_group=None):
+        mtp = as_extended(getattr(getattr(config, "model_config", None), "mtp", None))
+        if mtp.enable_train and id(config) not in self._patches_checked:
+            # Once per actor; besides the engine's initialisation, in case the patch that hooks
+            # that (mtp_forward) is the one that failed.
+            from verl_mtp.plugin import require_patches
+
+            require_patches(mtp, "the actor loss")
+            self._patches_checked.add(id(config))
         loss, metrics = self.stock_loss(config, model_output, data, dp_group)
-        model_config = getattr(config, "model_config", None)
-        mtp = as_extended(getattr(model_config, "mtp", None))
         if not mtp.enable_train:
             return loss, metrics
         if MTP_AGREE_KEY in model_output:
@@ -121,11 +158,12 @@ class MtpPolicyLoss:
         self._occ_pending[id(config)] = partial if running is None else running + partial
         return log_prob.new_zeros(()), {}
 
-    def run_occ_prepass(self, engine, data, config) -> list[float]:
+    def run_occ_prepass(self, engine, data, config) -> Optional[list[float]]:
         """One no-grad forward of the mini-batch ``data`` on ``engine``; fixes lambda for it.
 
-        Runs in eval mode, as verl computes the old log-probs, so the first mini-batch of a step
-        sees pi_theta == pi_old exactly.
+        Runs in eval mode, as verl computes the old log-probs. With pipeline parallelism only the
+        last stage runs the loss function, so only there are sums gathered and lambda fixed (the
+        other stages only pass activations on, and use no lambda); they return None.
         """
         self._occ_pending.pop(id(config), None)
         modules = engine.module if isinstance(engine.module, (list, tuple)) else [engine.module]
@@ -142,11 +180,14 @@ class MtpPolicyLoss:
                 m.train(mode)
         partial = self._occ_pending.pop(id(config), None)
         if partial is None:
+            if not _is_last_pipeline_stage():
+                return None
             raise MtpLossError("the OCC pre-pass ran no micro-batch through its loss function")
         total = all_reduce_sums(partial, group=engine.get_data_parallel_group())
         mtp = as_extended(config.model_config.mtp)
         occ = self.occ_coefficients(config, mtp, total.shape[0])
-        self._occ_frozen[id(config)] = [coef.update(sums) for coef, sums in zip(occ, total)]
+        on_policy = self.on_policy(config)
+        self._occ_frozen[id(config)] = [coef.update(sums, on_policy=on_policy) for coef, sums in zip(occ, total)]
         return self._occ_frozen[id(config)]
 
     def end_occ_mini_batch(self, config) -> None:
@@ -168,12 +209,15 @@ class MtpPolicyLoss:
                 if coefs is None:
                     raise MtpLossError(
                         "occ_scope=mini_batch but no OCC pre-pass ran for this mini-batch: the engine "
-                        "train_batch patch (occ_mini_batch_prepass) is not active in this worker (check the "
+                        "train_batch patch (occ_update_schedule) is not active in this worker (check the "
                         "[verl-mtp] lines in its log); set actor_rollout_ref.model.mtp.occ_scope=micro_batch "
                         "to calibrate per micro-batch instead"
                     )
             else:
-                coefs = calibrate(occ, log_prob, [x.detach() for x in q], old_log_prob, masks, group=dp_group)
+                coefs = calibrate(
+                    occ, log_prob, [x.detach() for x in q], old_log_prob, masks, group=dp_group,
+                    on_policy=self.on_policy(config),
+                )
         else:
             occ, coefs = None, [mtp.mtp_loss_scaling_factor] * depths
 
@@ -202,7 +246,16 @@ class MtpPolicyLoss:
                 metrics[f"actor/mtp_{k}/occ_numerator"] = last["numerator"]
                 metrics[f"actor/mtp_{k}/occ_denominator"] = last["denominator"]
                 metrics[f"actor/mtp_{k}/occ_on_policy"] = last["on_policy"]
+                metrics[f"actor/mtp_{k}/occ_delta_rl_rms"] = last["delta_rl_rms"]
         return term, metrics
+
+
+def _is_last_pipeline_stage() -> bool:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return True
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
 
 def _global_info_set(config, data) -> bool:
@@ -289,12 +342,57 @@ def installed_policy_loss(stock_loss: Callable) -> MtpPolicyLoss:
     return _installed
 
 
-def occ_prepass_target(loss_function) -> Optional[tuple[MtpPolicyLoss, Any]]:
-    """(installed loss, actor config) if ``loss_function`` trains an rl+OCC mini_batch-scope actor."""
-    config = getattr(loss_function, "keywords", {}).get("config") if isinstance(loss_function, functools.partial) else None
-    if _installed is None or config is None:
+def occ_target(loss_function) -> Optional[tuple[MtpPolicyLoss, Any, Any]]:
+    """(installed loss, actor config, its MTP config) if ``loss_function`` trains an rl+OCC actor."""
+    if not isinstance(loss_function, functools.partial):
+        return None
+    config = loss_function.keywords.get("config")
+    # engine_workers binds the installed loss itself; the distillation loss calls it inside.
+    policy_loss = loss_function.func if isinstance(loss_function.func, MtpPolicyLoss) else _installed
+    if policy_loss is None or config is None:
         return None
     mtp = as_extended(getattr(getattr(config, "model_config", None), "mtp", None))
-    if mtp.enable_train and mtp.mtp_loss_type == "rl" and mtp.mtp_coef_mode == "occ" and mtp.occ_scope == "mini_batch":
-        return _installed, config
+    if mtp.enable_train and mtp.mtp_loss_type == "rl" and mtp.mtp_coef_mode == "occ":
+        return policy_loss, config, mtp
     return None
+
+
+@contextlib.contextmanager
+def actor_update_step(loss_function):
+    """One training step's mini-batch loop with ``loss_function`` (verl's ``partial(ppo_loss, config=...)``):
+    inside it OCC knows its schedule, and the first mini-batch the engine trains is the on-policy
+    one. verl's ``TrainingWorker.train_mini_batch`` runs in it (patch ``occ_update_schedule``);
+    code that drives ``BaseEngine.train_batch`` itself (the demo, the benchmark) opens it per step."""
+    target = occ_target(loss_function)
+    if target is None:
+        yield
+        return
+    policy_loss, config, _ = target
+    policy_loss.begin_update_step(config)
+    try:
+        yield
+    finally:
+        policy_loss.end_update_step(config)
+
+
+def train_mini_batch_in_update_step(worker, run: Callable[[], Any]) -> Any:
+    """verl's mini-batch loop of one step for ``worker`` (a TrainingWorker), in ``actor_update_step``."""
+    with actor_update_step(getattr(worker, "loss_fn", None)):
+        return run()
+
+
+def train_batch_with_occ(engine, data, loss_function, run: Callable[[], Any]) -> Any:
+    """One mini-batch's ``BaseEngine.train_batch`` with OCC's bookkeeping around ``run``: advance
+    the update schedule and, with ``occ_scope=mini_batch``, fix lambda from a pre-pass first."""
+    target = occ_target(loss_function)
+    if target is None:
+        return run()
+    policy_loss, config, mtp = target
+    policy_loss.begin_mini_batch(config)
+    if mtp.occ_scope != "mini_batch":
+        return run()
+    policy_loss.run_occ_prepass(engine, data, config)
+    try:
+        return run()
+    finally:
+        policy_loss.end_occ_mini_batch(config)

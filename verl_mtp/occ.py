@@ -13,9 +13,14 @@ Sums run over the whole global mini-batch: each rank computes its partial sums a
 all-reduced over the data-parallel group, so every rank uses the same lambda (the reference
 patch averaged per-token ratios per rank; this is a ratio of inner products, globally).
 
-On the first mini-batch of a step pi_theta == pi_old, so delta_RL == 0 and c_hat == 0 exactly:
-the formula would switch the MTP term off, and with a single mini-batch per step it would do so
-for the whole run. ``on_policy`` decides lambda there (see ExtendedMtpConfig.occ_on_policy_coef).
+On the first mini-batch of the first epoch of a step pi_theta == pi_old by construction (no
+optimizer step has happened since the old log-probs were taken), so the numerator is 0 up to
+numerics: exactly 0 in fp32 with identical micro-batching, ~1e-3 per token in bf16 when the old
+log-probs come from ``infer_batch`` (other micro-batch shapes) or from the rollout engine. The
+formula there gives noise with a random sign, so that mini-batch is recognised from verl's update
+schedule (``UpdateSchedule``), never from the size of delta_RL, and ``on_policy`` decides lambda
+(see ExtendedMtpConfig.occ_on_policy_coef). With one mini-batch per step every update is
+on-policy and OCC has no signal at all; the run config check refuses that schedule.
 """
 
 from __future__ import annotations
@@ -30,13 +35,33 @@ from verl_mtp.config import ExtendedMtpConfig
 
 _CONFIG_DEFAULTS = ExtendedMtpConfig()
 
-# delta_RL counts as zero (pi_theta == pi_old) when its mean square per token is below this:
-# recomputed log-probs of an unchanged model agree to float rounding, far below any real update.
-ON_POLICY_MEAN_SQUARE = 1e-12
 
-# Layout of the statistics vector that is all-reduced (one SUM covers all depths at once).
-_C, _V2, _RL2, _N, _DROPPED = range(5)
-NUM_STATS = 5
+class UpdateSchedule:
+    """Where one actor is in verl's update loop: mini-batch 0 of a step is the on-policy one.
+
+    ``begin_step`` is called when verl's worker starts a step's mini-batch loop (all epochs),
+    ``begin_mini_batch`` each time the engine trains one mini-batch. Outside a step the position is
+    unknown (``on_policy`` is None): OCC then refuses to guess.
+    """
+
+    def __init__(self) -> None:
+        self.mini_batch_index: Optional[int] = None
+
+    def begin_step(self) -> None:
+        self.mini_batch_index = -1
+
+    def end_step(self) -> None:
+        self.mini_batch_index = None
+
+    def begin_mini_batch(self) -> None:
+        if self.mini_batch_index is not None:
+            self.mini_batch_index += 1
+
+    @property
+    def on_policy(self) -> Optional[bool]:
+        if self.mini_batch_index is None or self.mini_batch_index < 0:
+            return None
+        return self.mini_batch_index == 0
 
 
 @torch.no_grad()
@@ -96,11 +121,15 @@ class OccCoefficient:
     ema: Optional[float] = None
     last: dict = field(default_factory=dict)
 
-    def update(self, sums: torch.Tensor) -> float:
-        """lambda from globally reduced sums [c_hat, v_hat^2, ||delta_RL||^2, tokens, dropped]."""
+    def update(self, sums: torch.Tensor, on_policy: bool = False) -> float:
+        """lambda from globally reduced sums [c_hat, v_hat^2, ||delta_RL||^2, tokens, dropped].
+
+        ``on_policy``: this mini-batch is the first of its step (from the update schedule). A
+        mini-batch with no valid token has no measurement and is treated the same way.
+        """
         c_hat, v2, rl2, tokens, dropped = (float(x) for x in sums.tolist())
-        on_policy = tokens == 0 or rl2 / max(tokens, 1.0) <= ON_POLICY_MEAN_SQUARE
         raw = self.scale * c_hat / (v2 + self.eps) if tokens > 0 else 0.0
+        on_policy = bool(on_policy) or tokens == 0
         if not math.isfinite(raw):  # cannot happen with finite sums; guard the contract anyway
             raw, on_policy = 0.0, True
         if on_policy:
@@ -123,6 +152,8 @@ class OccCoefficient:
             "tokens": tokens,
             "dropped_tokens": dropped,
             "on_policy": float(on_policy),
+            # RMS of log pi_theta - log pi_old per token: ~0 on-policy (numerics only), grows with updates.
+            "delta_rl_rms": math.sqrt(rl2 / tokens) if tokens > 0 else 0.0,
         }
         return value
 
@@ -153,12 +184,13 @@ def calibrate(
     old_log_prob: torch.Tensor,
     masks: torch.Tensor | list[torch.Tensor],
     group=None,
+    on_policy: bool = False,
 ) -> list[float]:
     """lambda per MTP depth: one all-reduce over ``group`` for all depths.
 
     ``mtp_log_probs[k]`` is depth k+1's log-prob of the sampled tokens, aligned with ``log_prob``;
     ``masks`` (one for all depths, or one per depth) marks the valid response tokens. Every rank
-    returns the same values because the sums are global.
+    returns the same values because the sums are global. ``on_policy`` as in ``OccCoefficient.update``.
     """
     if len(coefs) != len(mtp_log_probs):
         raise ValueError(f"{len(coefs)} OCC coefficients for {len(mtp_log_probs)} MTP depths")
@@ -166,4 +198,4 @@ def calibrate(
         masks = [masks] * len(mtp_log_probs)
     partial = torch.stack([occ_partial_sums(log_prob, q, old_log_prob, m) for q, m in zip(mtp_log_probs, masks)])
     total = all_reduce_sums(partial, group=group)
-    return [coef.update(sums) for coef, sums in zip(coefs, total)]
+    return [coef.update(sums, on_policy=on_policy) for coef, sums in zip(coefs, total)]

@@ -61,6 +61,31 @@ def check_verl_version() -> str:
     )
 
 
+# megatron-core lines whose MTP internals verl-mtp's forward, loss and checkpoint code were built
+# and tested against (0.16: legacy MTP API; 0.17+: process_mtp_loss).
+SUPPORTED_MEGATRON_CORE = ">=0.16.0,<0.19"
+
+
+def check_megatron_core_version() -> str:
+    """The installed megatron-core version; PatchError when it is missing or outside the tested range."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    try:
+        found = version("megatron-core")
+    except PackageNotFoundError:
+        raise PatchError("megatron-core is not installed; verl-mtp's MTP training needs megatron-core "
+                         f"{SUPPORTED_MEGATRON_CORE}") from None
+    if Version(found) not in SpecifierSet(SUPPORTED_MEGATRON_CORE):
+        raise PatchError(
+            f"megatron-core {found} is not a version verl-mtp supports ({SUPPORTED_MEGATRON_CORE}): its MTP "
+            f"internals differ; install megatron-core{SUPPORTED_MEGATRON_CORE}"
+        )
+    return found
+
+
 @dataclass
 class Patch:
     name: str
@@ -85,6 +110,13 @@ class Patch:
             self._saved = self.apply_fn()
         finally:
             self._applying = False
+
+    def unfinished_targets(self) -> list[str]:
+        """Target modules already imported in this process whose deferred step did not succeed."""
+        if not self.applied:
+            return []
+        done = self._saved.get("done", set())
+        return [m for m in self._saved.get("targets", ()) if m in sys.modules and m not in done]
 
     def undo(self) -> None:
         if self.applied:
@@ -288,9 +320,10 @@ def deferred_patch(name: str, description: str, targets: dict[str, Callable[[Any
     expected, which is reported like a failure at plugin load.
     """
     def apply_fn() -> dict:
-        saved: dict = {"restore": [], "hooks": {}}
+        # "done": the target modules whose step succeeded (read by plugin.require_patches).
+        saved: dict = {"restore": [], "hooks": {}, "targets": tuple(targets), "done": set()}
         for module_name, step in targets.items():
-            hook = functools.partial(_run_deferred, name, step, saved["restore"])
+            hook = functools.partial(_run_deferred, name, step, saved, module_name)
             saved["hooks"][module_name] = hook
             when_imported(module_name, hook)
         return saved
@@ -307,10 +340,11 @@ def deferred_patch(name: str, description: str, targets: dict[str, Callable[[Any
     return Patch(name=name, description=description, apply_fn=apply_fn, undo_fn=undo_fn)
 
 
-def _run_deferred(patch_name: str, step: Callable[[Any, list], None], restore: list, module: Any) -> None:
+def _run_deferred(patch_name: str, step: Callable[[Any, list], None], saved: dict, module_name: str, module: Any) -> None:
     try:
-        step(module, restore)
-    except Exception as exc:  # noqa: BLE001 - reported, never swallowed
+        step(module, saved["restore"])
+        saved["done"].add(module_name)
+    except Exception as exc:  # noqa: BLE001 - reported now, fatal for a run that needs it
         from verl_mtp.plugin import report_failure
 
         report_failure(patch_name, exc)
@@ -364,8 +398,11 @@ def _mtp_forward_patch_engine_mtp(original: Callable) -> Callable:
         from verl_mtp.config import as_extended
         from verl_mtp.megatron.mtp_forward import MtpForwardPlan, install_mtp_postprocess
 
-        original(module, model_config)
+        from verl_mtp.plugin import require_patches
+
         mtp = as_extended(model_config.mtp)
+        require_patches(mtp, "the Megatron engine's initialisation")
+        original(module, model_config)
         if not mtp.enable_train:
             return
         for chunk in module if isinstance(module, list) else [module]:
@@ -427,23 +464,28 @@ MTP_POLICY_LOSS = deferred_patch(
 )
 
 
-# --- patch 6: OCC over the whole mini-batch (occ_scope=mini_batch) ------------------------------
+# --- patch 6: OCC's update schedule and its mini-batch pre-pass ---------------------------------
+# OCC must know which mini-batch of a step is the on-policy one (the first: no optimizer step since
+# the old log-probs), and with occ_scope=mini_batch it fixes lambda from a no-grad pass first.
 
 
-def _occ_prepass_train_batch(original: Callable) -> Callable:
+def _occ_train_mini_batch(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def train_mini_batch(self, data):
+        from verl_mtp.loss import train_mini_batch_in_update_step
+
+        return train_mini_batch_in_update_step(self, lambda: original(self, data))
+
+    train_mini_batch.__verl_mtp_original__ = original
+    return train_mini_batch
+
+
+def _occ_train_batch(original: Callable) -> Callable:
     @functools.wraps(original)
     def train_batch(self, data, loss_function):
-        from verl_mtp.loss import occ_prepass_target
+        from verl_mtp.loss import train_batch_with_occ
 
-        target = occ_prepass_target(loss_function)
-        if target is None:
-            return original(self, data, loss_function)
-        policy_loss, config = target
-        policy_loss.run_occ_prepass(self, data, config)  # fixes lambda for this mini-batch
-        try:
-            return original(self, data, loss_function)
-        finally:
-            policy_loss.end_occ_mini_batch(config)
+        return train_batch_with_occ(self, data, loss_function, lambda: original(self, data, loss_function))
 
     train_batch.__verl_mtp_original__ = original
     return train_batch
@@ -454,14 +496,23 @@ def _patch_engine_train_batch(module: Any, restore: list) -> None:
     original = getattr(engine_cls, "train_batch", None)
     if original is None or list(inspect.signature(original).parameters) != ["self", "data", "loss_function"]:
         raise PatchError("BaseEngine.train_batch(self, data, loss_function) not found")
-    _replace(engine_cls, "train_batch", _occ_prepass_train_batch(original), restore)
+    _replace(engine_cls, "train_batch", _occ_train_batch(original), restore)
 
 
-OCC_MINI_BATCH_PREPASS = deferred_patch(
-    "occ_mini_batch_prepass",
-    "with OCC and occ_scope=mini_batch the engine's train_batch first runs a no-grad forward of the "
-    "mini-batch that fixes lambda from the whole global mini-batch",
-    {"verl.workers.engine.base": _patch_engine_train_batch},
+def _patch_worker_train_mini_batch(module: Any, restore: list) -> None:
+    worker_cls = _require(module, "TrainingWorker")
+    original = getattr(worker_cls, "train_mini_batch", None)
+    if original is None or list(inspect.signature(original).parameters) != ["self", "data"]:
+        raise PatchError("TrainingWorker.train_mini_batch(self, data) not found")
+    _replace(worker_cls, "train_mini_batch", _occ_train_mini_batch(original), restore)
+
+
+OCC_UPDATE_SCHEDULE = deferred_patch(
+    "occ_update_schedule",
+    "with OCC, verl's mini-batch loop marks each step so the on-policy first mini-batch is known; with "
+    "occ_scope=mini_batch the engine's train_batch first runs a no-grad forward of the mini-batch that "
+    "fixes lambda from the whole global mini-batch",
+    {"verl.workers.engine.base": _patch_engine_train_batch, "verl.workers.engine_workers": _patch_worker_train_mini_batch},
 )
 
 
@@ -931,7 +982,7 @@ ALL_PATCHES = (
     DEPTH_OVERRIDE,
     MTP_FORWARD,
     MTP_POLICY_LOSS,
-    OCC_MINI_BATCH_PREPASS,
+    OCC_UPDATE_SCHEDULE,
     MTP_CHECKPOINT,
     DRAFTER_SYNC_CHECK,
     SPEC_STEP_METRICS,

@@ -14,8 +14,12 @@ Two steps, both inside one micro-batch forward of verl's ``MegatronEngineWithLMH
    agreement), which verl un-packs (THD or BSHD, context-parallel gather) exactly like
    ``log_probs``.
 
-The hand-over is a per-thread slot that step 2 empties, and a stash is used only with the very
-logits tensor it was made with, so it can never leak into another micro-batch's output.
+The hand-over is a per-thread slot. Every postprocess call empties it before anything else (so a
+stash never outlives the model forward that made it), step 2 empties it again when it takes it,
+and step 2 uses a stash only when it came from one of its own engine's model chunks and matches
+the logits' shape. The logits tensor itself is not the key: megatron's ``Float16Module`` (every
+bf16/fp16 run) hands the processor ``logits.float()``, a new tensor, and DDP or virtual-pipeline
+wrappers may do likewise.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class _PendingMtp:
     runtime_gather_output: Any
     agree: Optional[torch.Tensor] = None  # ce: computed with the loss, [b, s, K]
     valid: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None  # the main logits this stash belongs to
+    logits_shape: tuple = ()  # [b, s, V/tp] of the main logits this stash belongs to
 
 
 _slot = threading.local()
@@ -70,6 +74,24 @@ def _take() -> Optional[_PendingMtp]:
     pending = getattr(_slot, "pending", None)
     _slot.pending = None
     return pending
+
+
+def _unwrapped(module):
+    # Float16Module, DDP and friends all keep the wrapped model in ``.module``.
+    while hasattr(module, "module") and isinstance(getattr(module, "module"), torch.nn.Module):
+        module = module.module
+    return module
+
+
+def _belongs_to(pending: _PendingMtp, engine, logits: torch.Tensor) -> bool:
+    """Whether ``pending`` was made by ``engine``'s model for these ``logits`` (any wrapper, any dtype)."""
+    if tuple(logits.shape) != pending.logits_shape:
+        return False
+    chunks = getattr(engine, "module", None)
+    if chunks is None:  # a bare processor outside an engine (single-model tools): the shape must do
+        return True
+    chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
+    return any(_unwrapped(chunk) is pending.model for chunk in chunks)
 
 
 def _cp_group(model, packed_seq_params):
@@ -124,6 +146,7 @@ def _main_logits_only(self, kw):
 
 def mtp_postprocess(self, **kw):
     """``GPTModel._postprocess`` with verl-mtp's MTP loss (megatron calls it with keywords only)."""
+    _slot.pending = None  # a stash never outlives the forward that made it
     labels = kw.get("labels")
     if not (kw.get("mtp_in_postprocess") and labels is not None and self.config.mtp_num_layers):
         return self._verl_mtp_stock_postprocess(**kw)
@@ -196,7 +219,7 @@ def mtp_postprocess(self, **kw):
             runtime_gather_output=kw.get("runtime_gather_output"),
             agree=agree,
             valid=valid,
-            logits=logits,
+            logits_shape=tuple(logits.shape),
         )
     )
     return logits
@@ -221,8 +244,8 @@ def uninstall_mtp_postprocess(model) -> None:
 def logits_processor_with_mtp(original: Callable) -> Callable:
     def _lm_head_logits_processor(self, logits, label, temperature, **kwargs):
         pending = _take()  # taken first: a failure below must not leave it for the next micro-batch
-        if pending is not None and pending.logits is not logits:
-            pending = None  # made by a forward whose output never reached this processor
+        if pending is not None and not _belongs_to(pending, self, logits):
+            pending = None  # another engine's model, or a forward whose output never reached here
         result = original(self, logits, label, temperature, **kwargs)
         if pending is None:
             return result

@@ -214,10 +214,12 @@ def mtp_raw_log_probs(
         agree = None
         if with_agreement:  # before scoring: megatron's vocab-parallel CE works on the logits in place
             agree = argmax_agrees(logits, labels_sb, tp_group).transpose(0, 1)
-        # Score in megatron's [s, b, V/tp] layout and scale in place (the output layer does not
-        # need its output for backward): no extra vocabulary-sized copies.
+        # Score in megatron's [s, b, V/tp] layout, in fp32 like the main head (whose bf16 logits
+        # Float16Module upcasts before verl divides by the temperature): the upcast copies one
+        # token chunk, and the division then runs in place on that copy.
+        logits = logits.float()
         if temperature_bs is not None:
-            logits.div_(temperature_bs.transpose(0, 1).unsqueeze(-1).to(logits.dtype))
+            logits.div_(temperature_bs.transpose(0, 1).unsqueeze(-1).float())
         log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb).transpose(0, 1)
         return (log_probs, agree) if with_agreement else (log_probs,)
 

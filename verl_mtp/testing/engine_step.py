@@ -12,6 +12,7 @@ attend to padding). The engine object itself (optimizer, DDP, checkpointing) is 
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from types import SimpleNamespace
 
@@ -48,7 +49,7 @@ def engine_forward(model, prompts, responses, temperature: float = 1.0, mtp_enab
     from verl.utils.torch_functional import expand_as_nested
 
     input_ids = nested(torch.cat([p, r]) for p, r in zip(prompts, responses))
-    fake_engine = SimpleNamespace(engine_config=SimpleNamespace(entropy_from_logits_with_chunking=False))
+    fake_engine = SimpleNamespace(engine_config=SimpleNamespace(entropy_from_logits_with_chunking=False), module=[model])
     processor = partial(
         engine_module.MegatronEngineWithLMHead._lm_head_logits_processor,
         fake_engine,
@@ -156,3 +157,23 @@ class CpuStandInEngine(BaseEngine):
                 self.micro_batch_metrics.append(metrics)
                 loss.backward()
         return {"metrics": {}}
+
+
+@contextlib.contextmanager
+def in_update_step(loss_function, mini_batch_index: int = 0, engine_trains: bool = True):
+    """Train inside one step of verl's mini-batch loop, as its ``mini_batch_index``-th mini-batch.
+
+    0 is the step's on-policy first mini-batch; from 1 on, OCC takes its formula at face value.
+    verl's ``TrainingWorker.train_mini_batch`` opens the step in a real run, and the engine's
+    ``train_batch`` (patched) advances it; with ``engine_trains=False`` (the loss called directly)
+    this context advances it in the engine's place.
+    """
+    from verl_mtp.loss import actor_update_step, occ_target
+
+    with actor_update_step(loss_function):
+        target = occ_target(loss_function)
+        if target is not None:
+            policy_loss, config, _ = target
+            for _ in range(mini_batch_index + (0 if engine_trains else 1)):
+                policy_loss.begin_mini_batch(config)
+        yield
