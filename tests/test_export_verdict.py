@@ -1,4 +1,4 @@
-"""An export-completeness failure on one rank fails the weight sync on every rank.
+"""An export-completeness failure on one rank fails the weight sync (and the HF save) on every rank.
 
 Two trainer ranks (gloo, CPU, data parallel 2) each export a real megatron-core MiMo model
 through verl 0.9.1's patched ``MegatronEngine.get_per_tensor_param`` and consume the stream as
@@ -15,7 +15,7 @@ pytest.importorskip("mbridge")
 
 from verl_mtp.testing.export_ranks import DROPPED, HUNG, run_ranks_with_deadline, weight_sync_rank  # noqa: E402
 
-SCENARIOS = ["complete", "rank1_drops", "rank0_check_breaks", "complete_again"]
+SCENARIOS = ["complete", "rank1_drops", "rank0_check_breaks", "complete_again", "hf_save_complete", "hf_save_file_lost"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def outcomes(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("mimo"))
     write_tiny_checkpoint(path, "mimo", mtp_depths=1, seed=3)
-    return run_ranks_with_deadline(weight_sync_rank, (path,), world_size=2, keys=SCENARIOS, deadline_s=240)
+    saves = str(tmp_path_factory.mktemp("saves"))
+    return run_ranks_with_deadline(weight_sync_rank, (path, saves), world_size=2, keys=SCENARIOS, deadline_s=300)
 
 
 def test_no_rank_hangs(outcomes):
@@ -50,3 +51,11 @@ def test_a_check_that_cannot_start_on_one_rank_fails_every_rank(outcomes):
     assert rank0 == rank1
     assert "on 1 of 2 rank(s)" in rank0 and "rank(s) 0: " in rank0
     assert "check could not start: KeyError" in rank0 and "mtp.layers.0.eh_proj.weight" in rank0
+
+
+def test_a_saved_hf_dir_that_rank_0_finds_incomplete_fails_every_rank(outcomes):
+    assert outcomes["hf_save_complete"] == ["ok", "ok"]
+    rank0, rank1 = outcomes["hf_save_file_lost"]
+    assert rank0 == rank1
+    assert rank0.startswith("IncompleteMtpExportError: incomplete MTP HF checkpoint ") and "on 1 of 2 rank(s)" in rank0
+    assert "rank(s) 0: " in rank0 and DROPPED in rank0

@@ -937,24 +937,17 @@ def _patch_engine_weight_export(module: Any, restore: list) -> None:
 def _checked_hf_save(original: Callable) -> Callable:
     @functools.wraps(original)
     def _save_model_as_hf_via_bridge(self, hf_ckpt_path, *args, **kwargs):
-        from verl_mtp.models.export_check import check_saved_hf_dir, model_mtp_depths, write_config_depths
+        from verl_mtp.models.export_check import finish_hf_save
 
         result = original(self, hf_ckpt_path, *args, **kwargs)
-        if _torch_rank() == 0 and getattr(self, "peft_cls", None) is None:
-            # config.json declares the depths the model has (verl writes its HF config object,
-            # whose count can differ: mtp.mtp_num_layers override), then the files are checked.
-            write_config_depths(hf_ckpt_path, model_mtp_depths(self.model))
-            check_saved_hf_dir(hf_ckpt_path, self.model, self.bridge, self.hf_config)
+        if getattr(self, "peft_cls", None) is None:
+            # every rank calls this method: rank 0 fixes config.json's depths and checks the files,
+            # every rank raises on a failed check
+            finish_hf_save(hf_ckpt_path, self.model, self.bridge, self.hf_config)
         return result
 
     _save_model_as_hf_via_bridge.__verl_mtp_original__ = original
     return _save_model_as_hf_via_bridge
-
-
-def _torch_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _patch_manager_hf_save(module: Any, restore: list) -> None:

@@ -325,6 +325,27 @@ def check_saved_hf_dir(hf_dir: str, models: list, bridge: Any, hf_config: Any) -
         )
 
 
+def finish_hf_save(hf_dir: str, models: list, bridge: Any, hf_config: Any, group: Any = DEFAULT_GROUP) -> None:
+    """After an HF save: rank 0 makes config.json declare the model's MTP depths and checks the
+    written files (``check_saved_hf_dir``); every rank of ``group`` (all of them save together)
+    gets its verdict, so a failure raises on each of them, not on rank 0 alone."""
+    import torch.distributed as dist
+
+    group = _active_group(group)
+    problem = None
+    if group is None or dist.get_rank(group) == 0:
+        try:
+            # verl writes its HF config object, whose depth count can differ (mtp_num_layers override)
+            write_config_depths(hf_dir, model_mtp_depths(models))
+            check_saved_hf_dir(hf_dir, models, bridge, hf_config)
+        except Exception as exc:  # noqa: BLE001 - every rank raises it below
+            if group is None:
+                raise
+            problem = str(exc) if isinstance(exc, IncompleteMtpExportError) else f"{type(exc).__name__}: {exc}"
+    if group is not None:
+        agree_on_export_verdict(problem, group, where=f"HF checkpoint {hf_dir}")
+
+
 def write_config_depths(hf_dir: str, depths: int) -> bool:
     """Make ``hf_dir/config.json`` declare ``depths`` MTP depths (where the family keeps the key).
 

@@ -8,7 +8,8 @@ hung and killed, so a deadlock fails a test instead of hanging it.
 ``MegatronEngine.get_per_tensor_param`` (patched by verl-mtp) on a real megatron-core MiMo model
 loaded through verl-mtp's mbridge bridge, its stream consumed the way verl's
 ``BucketedWeightSender`` consumes it (``ensure_async_iterator``), then the barrier verl's
-``update_weights`` runs after a colocated sync. What stands in: the engine object (a namespace
+``update_weights`` runs after a colocated sync; then verl's HF save through a real
+``MegatronCheckpointManager`` (patched ``_save_model_as_hf_via_bridge``). What stands in: the engine object (a namespace
 with the attributes the method reads; building verl's engine needs CUDA) and verl's
 ``load_megatron_model_to_gpu`` (a no-op: there is no GPU to load to).
 """
@@ -123,8 +124,8 @@ def _sync_once(transformer_impl, engine) -> str:
     return outcome
 
 
-def weight_sync_rank(rank: int, checkpoint: str):
-    """Scenarios of one weight sync; yields (scenario, outcome) per scenario."""
+def weight_sync_rank(rank: int, checkpoint: str, save_root: str):
+    """Scenarios of weight syncs, then of HF saves under ``save_root``; yields (scenario, outcome)."""
     import verl  # noqa: F401 - activates the verl-mtp plugin, as in every verl worker
     from verl.workers.engine.megatron import transformer_impl
 
@@ -157,3 +158,47 @@ def weight_sync_rank(rank: int, checkpoint: str):
     vars(bridge).pop("expected_mtp_hf_names", None)
 
     yield "complete_again", _sync_once(transformer_impl, engine)
+
+    # verl's HF save (model/huggingface): every rank calls the patched
+    # MegatronCheckpointManager._save_model_as_hf_via_bridge; rank 0 writes and checks the files.
+    from verl_mtp.testing.ckpt_ranks import make_hf_manager
+
+    manager = make_hf_manager(loaded)
+    yield "hf_save_complete", _hf_save_once(manager, os.path.join(save_root, "complete"))
+    if rank == 0:  # the writer loses an MTP tensor from the file that holds it
+        real_save = bridge.save_weights
+
+        def losing_save(models, weights_path, **kwargs):
+            real_save(models, weights_path, **kwargs)
+            _drop_from_shards(weights_path, DROPPED)
+
+        bridge.save_weights = losing_save
+    yield "hf_save_file_lost", _hf_save_once(manager, os.path.join(save_root, "lost"))
+    vars(bridge).pop("save_weights", None)
+
+
+def _drop_from_shards(hf_dir: str, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for file in os.listdir(hf_dir):
+        if file.endswith(".safetensors"):
+            path = os.path.join(hf_dir, file)
+            tensors = load_file(path)
+            if name in tensors:
+                del tensors[name]
+                save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _hf_save_once(manager, path: str) -> str:
+    import torch.distributed as dist
+
+    from verl_mtp.testing.tiny_megatron import cpu_megatron
+
+    try:
+        with cpu_megatron():
+            manager._save_model_as_hf_via_bridge(path)
+        outcome = "ok"
+    except Exception as exc:  # noqa: BLE001 - what this rank raised is the outcome under test
+        outcome = f"{type(exc).__name__}: {exc}"
+    dist.barrier()  # verl's save_checkpoint goes on to further collectives
+    return outcome
