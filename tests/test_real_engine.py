@@ -110,6 +110,26 @@ def test_disabled_mtp_builds_no_mtp_head(no_mtp_step):
     assert no_mtp_step.changed()  # the main head still trains
 
 
+def test_the_engine_is_built_as_a_real_run_builds_it(checkpoint):
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.transformer.module import Float16Module
+    from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
+
+    engine = real_engine.RealEngine.build(checkpoint, ExtendedMtpConfig(enable=True, enable_train=True))
+    try:
+        assert type(engine.engine) is MegatronEngineWithLMHead
+        (chunk,) = engine.engine.module
+        assert isinstance(chunk, DistributedDataParallel) and isinstance(chunk.module, Float16Module)
+        model = engine.gpt_models()[0]
+        assert model.config.bf16 and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert len(model.mtp.layers) == DEPTHS
+        optimizers = getattr(engine.engine.optimizer, "chained_optimizers", [engine.engine.optimizer])
+        assert all(isinstance(o, DistributedOptimizer) for o in optimizers)
+    finally:
+        engine.close()
+
+
 def test_the_redirections_are_undone_after_each_call(checkpoint):
     originals = (torch.cuda.current_device, torch.nn.Module.cuda, torch.cuda.synchronize, torch.cuda.mem_get_info)
     engine = real_engine.RealEngine.build(checkpoint, ExtendedMtpConfig(enable=True, enable_train=True))
