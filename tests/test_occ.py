@@ -58,10 +58,22 @@ def test_non_finite_valid_positions_are_dropped_and_counted():
     assert coef.last["dropped_tokens"] == 1.0
 
 
-def test_empty_mask_gives_finite_lambda():
-    old, delta, _ = _batch(4)
-    coef = OccCoefficient(on_policy="zero")
-    assert coef.update(occ_partial_sums(old + delta, old, old, torch.zeros_like(old))) == 0.0
+@pytest.mark.parametrize("rule, expected", [("zero", 0.0), ("fixed", 0.1), ("previous", 0.5)])
+def test_empty_mask_measures_nothing_and_takes_the_on_policy_rule(rule, expected):
+    old, delta, mask = _batch(4)
+    coef = OccCoefficient(on_policy=rule, fixed=0.1, eps=1e-12)
+    coef.update(occ_partial_sums(old + delta, old + 2 * delta, old, mask))  # off-policy: 0.5
+    assert coef.update(occ_partial_sums(old + delta, old, old, torch.zeros_like(old))) == pytest.approx(expected)
+    assert coef.last["on_policy"] == 1.0 and coef.last["tokens"] == 0.0
+    assert coef.last_off_policy == pytest.approx(0.5)  # an empty mini-batch does not overwrite previous
+
+
+@pytest.mark.parametrize("rule, expected", [("zero", 0.05), ("fixed", 0.2), ("previous", 0.2)])
+def test_the_on_policy_rule_is_clipped_like_every_lambda(rule, expected):
+    old, delta, mask = _batch(8)
+    coef = OccCoefficient(on_policy=rule, fixed=0.9, coef_min=0.05, coef_max=0.2, eps=1e-12)
+    coef.update(occ_partial_sums(old + delta, old + 2 * delta, old, mask))  # off-policy 0.5, clipped to 0.2
+    assert coef.update(occ_partial_sums(old, old + delta, old, mask), on_policy=True) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("rule, expected", [("zero", 0.0), ("fixed", 0.1), ("previous", 0.5)])

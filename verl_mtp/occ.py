@@ -133,16 +133,14 @@ class OccCoefficient:
         if not math.isfinite(raw):  # cannot happen with finite sums; guard the contract anyway
             raw, on_policy = 0.0, True
         if on_policy:
-            value = {"previous": self.last_off_policy, "zero": 0.0, "fixed": self.fixed}[self.on_policy]
+            # Every lambda OCC uses is clipped, the on-policy rule's too (``previous`` already is).
+            value = self._clip({"previous": self.last_off_policy, "zero": 0.0, "fixed": self.fixed}[self.on_policy])
         else:
             value = raw
             if self.ema_decay > 0.0:
                 value = raw if self.ema is None else self.ema_decay * self.ema + (1.0 - self.ema_decay) * raw
                 self.ema = value
-            if self.coef_min is not None:
-                value = max(self.coef_min, value)
-            if self.coef_max is not None:
-                value = min(self.coef_max, value)
+            value = self._clip(value)
             self.last_off_policy = value
         self.last = {
             "coef": value,
@@ -155,6 +153,13 @@ class OccCoefficient:
             # RMS of log pi_theta - log pi_old per token: ~0 on-policy (numerics only), grows with updates.
             "delta_rl_rms": math.sqrt(rl2 / tokens) if tokens > 0 else 0.0,
         }
+        return value
+
+    def _clip(self, value: float) -> float:
+        if self.coef_min is not None:
+            value = max(self.coef_min, value)
+        if self.coef_max is not None:
+            value = min(self.coef_max, value)
         return value
 
     def state_dict(self) -> dict:
