@@ -515,44 +515,56 @@ def test_cli_bad_inputs_exit_2(tmp_path, checkpoints, capsys):
 # --- every family accept-eval claims -------------------------------------------------------------
 #
 # DeepSeek-V3 and GLM-4.5 run on CPU like MiMo (their MoE routers need megatron-core 0.16's missing
-# ``te_general_gemm`` bound, see verl_mtp.megatron.single_process.moe_router_gemm_without_te).
-# The matched head is built as the MiMo one in the module doc, on a one-layer MoE trunk: the trunk
-# layer's attention output projection is zero, the MTP layer (HF layer L = 1) is a copy of it with
-# its router and expert bias, ``enorm`` = 1 over unit-RMS embeddings, ``shared_head.norm`` = the
-# trunk's final norm, and ``eh_proj`` = [I | 0] (these families store megatron's [embedding |
-# hidden] order, so no half swap). Every MTP tensor of the random head is random.
+# ``te_general_gemm`` bound, see verl_mtp.megatron.single_process.moe_router_gemm_without_te), and
+# so do Qwen3.5 / Qwen3-Next MTP names on a Qwen3 attention trunk (``qwen_mtp``; their real
+# gated-delta-net trunks are refused, see the last test). The matched head is built as the MiMo
+# one in the module doc, on a one-layer trunk (MoE for the MoE families): the trunk layer's
+# attention output projection is zero, the MTP layer is a copy of it (router and expert bias
+# included), the embedding norm is 1 over unit-RMS embeddings, the head's final norm is the
+# trunk's, and the projection is [I | 0] (these families store megatron's [embedding | hidden]
+# order, so no half swap). Every MTP tensor of the random head is random.
 
 MOE_FAMILIES = ("deepseek_v3", "glm4_moe")
+# family -> (MTP layer prefix, embedding norm, projection, final norm)
+_MTP_NAMES = {
+    "deepseek_v3": ("model.layers.1.", "model.layers.1.enorm.weight", "model.layers.1.eh_proj.weight",
+                    "model.layers.1.shared_head.norm.weight"),
+    "qwen_mtp": ("mtp.layers.0.", "mtp.pre_fc_norm_embedding.weight", "mtp.fc.weight", "mtp.norm.weight"),
+}
+_MTP_NAMES["glm4_moe"] = _MTP_NAMES["deepseek_v3"]
 
 
-def write_moe_checkpoint(path, family, head, seed=11):
+def write_family_checkpoint(path, family, head, seed=11):
     from verl_mtp.testing.tiny_hf import random_tensors, tiny_config, write_checkpoint
 
-    config = tiny_config(family, 1, num_hidden_layers=1, first_k_dense_replace=0)
+    overrides = {"num_hidden_layers": 1}
+    if family in MOE_FAMILIES:
+        overrides["first_k_dense_replace"] = 0  # the trunk layer and the MTP layer are both MoE
+    config = tiny_config(family, 1, **overrides)
     t = random_tensors(config, seed)
     h = config["hidden_size"]
     emb = t["model.embed_tokens.weight"]
     t["model.embed_tokens.weight"] = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
     t["model.layers.0.self_attn.o_proj.weight"].zero_()
-    mtp = "model.layers.1."
+    layer, enorm, projection, final_norm = _MTP_NAMES[family]
     if head == "matched":
         for name in [n for n in t if n.startswith("model.layers.0.")]:
-            t[mtp + name[len("model.layers.0."):]] = t[name].clone()
-        t[mtp + "enorm.weight"] = torch.ones(h)
-        t[mtp + "eh_proj.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)
-        t[mtp + "shared_head.norm.weight"] = t["model.norm.weight"].clone()
-    if mtp + "embed_tokens.weight" in t:  # DeepSeek-V3's per-depth copies equal the trunk's
-        t[mtp + "embed_tokens.weight"] = t["model.embed_tokens.weight"].clone()
-        t[mtp + "shared_head.head.weight"] = t["lm_head.weight"].clone()
+            t[layer + name[len("model.layers.0."):]] = t[name].clone()
+        t[enorm] = torch.ones(h)
+        t[projection] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)
+        t[final_norm] = t["model.norm.weight"].clone()
+    if layer + "embed_tokens.weight" in t:  # DeepSeek-V3's per-depth copies equal the trunk's
+        t[layer + "embed_tokens.weight"] = t["model.embed_tokens.weight"].clone()
+        t[layer + "shared_head.head.weight"] = t["lm_head.weight"].clone()
     write_checkpoint(str(path), config, t, shards=1)
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def moe_checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("accept_eval_moe")
-    return {(f, head): write_moe_checkpoint(root / f"{f}_{head}", f, head)
-            for f in MOE_FAMILIES for head in ("matched", "random")}
+    root = tmp_path_factory.mktemp("accept_eval_families")
+    return {(f, head): write_family_checkpoint(root / f"{f}_{head}", f, head)
+            for f in (*MOE_FAMILIES, "qwen_mtp") for head in ("matched", "random")}
 
 
 def _ids_file(tmp_path, n=3, response_len=24, seed=5):
@@ -568,11 +580,12 @@ def _cli_report(capsys, checkpoint, data, *args):
     return json.loads(out)
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_moe_family_end_to_end_matched_head_accepted_random_head_not(tmp_path, moe_checkpoints, capsys, family):
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "qwen_mtp"])
+def test_family_end_to_end_matched_head_accepted_random_head_not(tmp_path, moe_checkpoints, capsys, family):
     ids = _ids_file(tmp_path)
     matched = _cli_report(capsys, moe_checkpoints[family, "matched"], ids, "-k", "2")
-    assert matched["family"] == family and matched["device"] == "cpu" and matched["mtp_layers"] == 1
+    assert matched["family"] == {"qwen_mtp": "qwen3_5"}.get(family, family)
+    assert matched["device"] == "cpu" and matched["mtp_layers"] == 1
     assert [p["anchors"] for p in matched["greedy"]["positions"]] == [3 * 23, 3 * 22]
     # position 2 reuses the one MTP layer: still the verifier's prediction, so accepted too
     assert [p["marginal"] for p in matched["greedy"]["positions"]] == [1.0, 1.0]
