@@ -787,3 +787,29 @@ def test_index_that_names_the_single_file_is_consistent(tmp_path):
     _add_index(path, {n: "model.safetensors" for n in tensors})
     report = inspect_checkpoint(path)
     assert report.complete and report.shards == ["model.safetensors"]
+
+
+def test_stitch_carries_an_incomplete_head_only_with_the_flag(tmp_path, capsys):
+    """VERIFIER and DONOR lack the same tensor: the pairwise comparison passes, the head check does not."""
+    name = depth0_name("mimo", "self_attn.q_proj.weight")
+    verifier, v_tensors, mtp_names = build(tmp_path, "verifier", "mimo", seed=1, drop=(name,))
+    donor, d_tensors, _ = build(tmp_path, "donor", "mimo", seed=2, drop=(name,))
+    code, _, err = run_cli(capsys, "stitch", verifier, donor, tmp_path / "out")
+    assert code == 2 and f"refusing to stitch: DONOR {donor} has no complete" in err and f"missing {name}" in err
+    code, text, err = run_cli(capsys, "stitch", verifier, donor, tmp_path / "out", "--allow-incomplete-head")
+    assert code == 0, err
+    assert f"--allow-incomplete-head: DONOR's MTP head was carried as it is, with problems: missing {name}" in text
+    check_stitched(str(tmp_path / "out"), verifier, v_tensors, d_tensors, mtp_names, {"model-00003-of-00003.safetensors"})
+
+
+def test_checking_a_head_imports_neither_torch_nor_verl(tmp_path):
+    path, _, _ = build(tmp_path, "ckpt", "deepseek_v3", drop=("model.layers.2.eh_proj.weight",))
+    code = (
+        "import sys, verl_mtp.ckpt as c\n"
+        f"r = c.inspect_checkpoint({path!r}); c.render_inspect(r)\n"
+        "assert r.missing == ['model.layers.2.eh_proj.weight'], r.missing\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'verl', 'transformers', 'megatron', 'ray'})\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
