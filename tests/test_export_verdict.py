@@ -1,10 +1,11 @@
 """An export-completeness failure on one rank fails the weight sync (and the HF save) on every rank.
 
-Two trainer ranks (gloo, CPU, data parallel 2) each export a real megatron-core MiMo model
-through verl 0.9.1's patched ``MegatronEngine.get_per_tensor_param`` and consume the stream as
-verl's bucketed weight sender does (``verl_mtp.testing.export_ranks``; the engine object and the
-GPU reload helper stand in, see there). The ranks run under a deadline: a rank that waits
-forever is reported as hung and the test fails instead of hanging.
+Two trainer ranks (gloo, CPU) run verl 0.9.1's real Megatron engine with pipeline parallelism 2
+(rank 0 the first stage, checked structurally; rank 1 the last stage, which holds the MTP block
+and checks exact names), export through the patched ``get_per_tensor_param`` and consume the
+stream as verl's bucketed weight sender does, then save ``model/huggingface`` through the engine's
+checkpoint manager (``verl_mtp.testing.export_ranks``). The ranks run under a deadline: a rank
+that waits forever is reported as hung and the test fails instead of hanging.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ pytest.importorskip("mbridge")
 
 from verl_mtp.testing.export_ranks import DROPPED, HUNG, run_ranks_with_deadline, weight_sync_rank  # noqa: E402
 
-SCENARIOS = ["complete", "rank1_drops", "rank0_check_breaks", "complete_again", "hf_save_complete", "hf_save_file_lost"]
+SCENARIOS = ["holds_mtp", "complete", "rank0_drops", "rank1_check_breaks", "complete_again", "hf_save_complete",
+             "hf_save_file_lost"]
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    from verl_mtp.testing.tiny_hf import write_tiny_checkpoint
+    from verl_mtp.testing.real_engine import write_tiny_engine_checkpoint
 
-    path = str(tmp_path_factory.mktemp("mimo"))
-    write_tiny_checkpoint(path, "mimo", mtp_depths=1, seed=3)
+    path = write_tiny_engine_checkpoint(str(tmp_path_factory.mktemp("mimo")), mtp_depths=1, seed=3)
     saves = str(tmp_path_factory.mktemp("saves"))
-    return run_ranks_with_deadline(weight_sync_rank, (path, saves), world_size=2, keys=SCENARIOS, deadline_s=300)
+    return run_ranks_with_deadline(weight_sync_rank, (path, saves), world_size=2, keys=SCENARIOS, deadline_s=420)
 
 
 def test_no_rank_hangs(outcomes):
@@ -34,22 +35,23 @@ def test_no_rank_hangs(outcomes):
 
 
 def test_a_complete_export_passes_on_every_rank(outcomes):
+    assert outcomes["holds_mtp"] == [False, True]  # only the last stage holds the MTP block
     assert outcomes["complete"] == ["ok", "ok"]
     assert outcomes["complete_again"] == ["ok", "ok"]  # a failed sync leaves nothing behind
 
 
 def test_a_tensor_missing_on_one_rank_fails_every_rank_with_its_name(outcomes):
-    rank0, rank1 = outcomes["rank1_drops"]
+    rank0, rank1 = outcomes["rank0_drops"]
     assert rank0 == rank1  # the same error everywhere
     assert rank0.startswith("IncompleteMtpExportError: incomplete MTP weight sync to the rollout engine on 1 of 2 rank(s)")
-    assert "rank(s) 1: " in rank0 and "rank(s) 0" not in rank0
-    assert f"missing 1 MTP tensor(s): ['{DROPPED}']" in rank0
+    assert "rank(s) 0: " in rank0 and "rank(s) 1" not in rank0
+    assert DROPPED in rank0
 
 
 def test_a_check_that_cannot_start_on_one_rank_fails_every_rank(outcomes):
-    rank0, rank1 = outcomes["rank0_check_breaks"]
+    rank0, rank1 = outcomes["rank1_check_breaks"]
     assert rank0 == rank1
-    assert "on 1 of 2 rank(s)" in rank0 and "rank(s) 0: " in rank0
+    assert "on 1 of 2 rank(s)" in rank0 and "rank(s) 1: " in rank0
     assert "check could not start: KeyError" in rank0 and "mtp.layers.0.eh_proj.weight" in rank0
 
 

@@ -4,14 +4,14 @@
 collects what each rank reports; a rank that has not finished by the deadline is reported as
 hung and killed, so a deadlock fails a test instead of hanging it.
 
-``weight_sync_rank`` is one trainer rank of verl's weight sync: verl 0.9.1's
-``MegatronEngine.get_per_tensor_param`` (patched by verl-mtp) on a real megatron-core MiMo model
-loaded through verl-mtp's mbridge bridge, its stream consumed the way verl's
+``weight_sync_rank`` is one trainer rank of verl's weight sync on verl 0.9.1's real
+``MegatronEngineWithLMHead`` with pipeline parallelism 2 (``verl_mtp.testing.real_engine``: bf16,
+vanilla mbridge with verl-mtp's MiMo bridge, its CUDA redirections documented there): the
+engine's ``get_per_tensor_param`` (patched by verl-mtp), its stream consumed the way verl's
 ``BucketedWeightSender`` consumes it (``ensure_async_iterator``), then the barrier verl's
-``update_weights`` runs after a colocated sync; then verl's HF save through a real
-``MegatronCheckpointManager`` (patched ``_save_model_as_hf_via_bridge``). What stands in: the engine object (a namespace
-with the attributes the method reads; building verl's engine needs CUDA) and verl's
-``load_megatron_model_to_gpu`` (a no-op: there is no GPU to load to).
+``update_weights`` runs after a colocated sync; then the HF save through the engine's own
+``MegatronCheckpointManager`` (patched ``_save_model_as_hf_via_bridge``). The sender's CUDA-IPC
+transport itself is not run (no GPU, and no vLLM worker to receive).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 HUNG = "HUNG"
@@ -96,24 +95,22 @@ def run_ranks_with_deadline(target: Callable, args: Sequence, world_size: int, k
 DROPPED = "model.mtp_layers.0.input_proj.weight"
 
 
-def _sync_once(transformer_impl, engine) -> str:
-    """One export through verl's patched get_per_tensor_param, consumed like verl's sender."""
+def _sync_once(engine) -> str:
+    """One export through verl's (patched) get_per_tensor_param, consumed like verl's sender."""
     import asyncio
 
     import torch.distributed as dist
     from verl.workers.rollout.utils import ensure_async_iterator
 
-    from verl_mtp.testing.tiny_megatron import cpu_megatron
+    from verl_mtp.testing.real_engine import cpu_engine_runtime
 
     async def send(stream):
-        count = 0
         async for _name, _tensor in ensure_async_iterator(stream):
-            count += 1
-        return count
+            pass
 
     try:
-        with cpu_megatron():
-            stream, _ = transformer_impl.MegatronEngine.get_per_tensor_param(engine, base_sync_done=False)
+        with cpu_engine_runtime():
+            stream, _ = engine.get_per_tensor_param(base_sync_done=False)
             asyncio.run(send(stream))
         outcome = "ok"
     except Exception as exc:  # noqa: BLE001 - what this rank raised is the outcome under test
@@ -122,59 +119,6 @@ def _sync_once(transformer_impl, engine) -> str:
     # leaves it too, so a rank stuck here is what the deadline catches).
     dist.barrier()
     return outcome
-
-
-def weight_sync_rank(rank: int, checkpoint: str, save_root: str):
-    """Scenarios of weight syncs, then of HF saves under ``save_root``; yields (scenario, outcome)."""
-    import verl  # noqa: F401 - activates the verl-mtp plugin, as in every verl worker
-    from verl.workers.engine.megatron import transformer_impl
-
-    from verl_mtp.models.bridges import load_hf_model
-
-    if not hasattr(transformer_impl.MegatronEngine.get_per_tensor_param, "__verl_mtp_original__"):
-        raise RuntimeError("verl-mtp's mtp_complete_export patch is not applied to MegatronEngine")
-    transformer_impl.load_megatron_model_to_gpu = lambda *args, **kwargs: None  # CUDA-bound, nothing to load
-    loaded = load_hf_model(checkpoint)  # TP=PP=1 on this 2-rank group: data parallel 2
-    bridge = loaded.bridge
-    engine = SimpleNamespace(
-        peft_cls=None, _qat_enabled=False, vanilla_bridge=True, bridge=bridge, module=[loaded.model],
-        model_config=SimpleNamespace(lora={}, hf_config=bridge.hf_config),
-    )
-    full_export = bridge.export_weights
-
-    yield "complete", _sync_once(transformer_impl, engine)
-
-    if rank == 1:  # this rank's export loses one MTP tensor
-        bridge.export_weights = lambda models: ((n, t) for n, t in full_export(models) if n != DROPPED)
-    yield "rank1_drops", _sync_once(transformer_impl, engine)
-    bridge.export_weights = full_export
-
-    if rank == 0:  # this rank's check cannot even start
-        def broken(names):
-            raise KeyError("no HF name for mtp.layers.0.eh_proj.weight")
-
-        bridge.expected_mtp_hf_names = broken
-    yield "rank0_check_breaks", _sync_once(transformer_impl, engine)
-    vars(bridge).pop("expected_mtp_hf_names", None)
-
-    yield "complete_again", _sync_once(transformer_impl, engine)
-
-    # verl's HF save (model/huggingface): every rank calls the patched
-    # MegatronCheckpointManager._save_model_as_hf_via_bridge; rank 0 writes and checks the files.
-    from verl_mtp.testing.ckpt_ranks import make_hf_manager
-
-    manager = make_hf_manager(loaded)
-    yield "hf_save_complete", _hf_save_once(manager, os.path.join(save_root, "complete"))
-    if rank == 0:  # the writer loses an MTP tensor from the file that holds it
-        real_save = bridge.save_weights
-
-        def losing_save(models, weights_path, **kwargs):
-            real_save(models, weights_path, **kwargs)
-            _drop_from_shards(weights_path, DROPPED)
-
-        bridge.save_weights = losing_save
-    yield "hf_save_file_lost", _hf_save_once(manager, os.path.join(save_root, "lost"))
-    vars(bridge).pop("save_weights", None)
 
 
 def _drop_from_shards(hf_dir: str, name: str) -> None:
@@ -192,13 +136,65 @@ def _drop_from_shards(hf_dir: str, name: str) -> None:
 def _hf_save_once(manager, path: str) -> str:
     import torch.distributed as dist
 
-    from verl_mtp.testing.tiny_megatron import cpu_megatron
+    from verl_mtp.testing.real_engine import cpu_engine_runtime
 
     try:
-        with cpu_megatron():
+        with cpu_engine_runtime():
             manager._save_model_as_hf_via_bridge(path)
         outcome = "ok"
     except Exception as exc:  # noqa: BLE001 - what this rank raised is the outcome under test
         outcome = f"{type(exc).__name__}: {exc}"
     dist.barrier()  # verl's save_checkpoint goes on to further collectives
     return outcome
+
+
+def weight_sync_rank(rank: int, checkpoint: str, save_root: str):
+    """One of two pipeline-parallel ranks of verl's real Megatron engine (rank 0: first stage, no
+    MTP block; rank 1: last stage, holds it): weight syncs, then HF saves under ``save_root``.
+    Yields (scenario, outcome) per scenario."""
+    import verl  # noqa: F401 - activates the verl-mtp plugin, as in every verl worker
+    from verl.workers.engine.megatron import transformer_impl
+
+    from verl_mtp.config import ExtendedMtpConfig
+    from verl_mtp.testing.real_engine import RealEngine
+
+    if not hasattr(transformer_impl.MegatronEngine.get_per_tensor_param, "__verl_mtp_original__"):
+        raise RuntimeError("verl-mtp's mtp_complete_export patch is not applied to MegatronEngine")
+    real = RealEngine.build(checkpoint, ExtendedMtpConfig(enable=True, enable_train=True), pipeline_parallel=2)
+    engine = real.engine
+    bridge = engine.bridge
+    yield "holds_mtp", bool([n for n, _ in real.named_parameters() if n.startswith("mtp.")])
+    full_export = bridge.export_weights
+
+    yield "complete", _sync_once(engine)
+
+    if rank == 0:  # the first stage's export loses one MTP tensor
+        bridge.export_weights = lambda models: ((n, t) for n, t in full_export(models) if n != DROPPED)
+    yield "rank0_drops", _sync_once(engine)
+    vars(bridge).pop("export_weights", None)
+
+    if rank == 1:  # the last stage's exact check cannot even start
+        def broken(names):
+            raise KeyError("no HF name for mtp.layers.0.eh_proj.weight")
+
+        bridge.expected_mtp_hf_names = broken
+    yield "rank1_check_breaks", _sync_once(engine)
+    vars(bridge).pop("expected_mtp_hf_names", None)
+
+    yield "complete_again", _sync_once(engine)
+
+    # verl's HF save (model/huggingface) through the engine's own checkpoint manager: every rank
+    # calls the patched _save_model_as_hf_via_bridge; rank 0 writes and checks the files.
+    manager = engine.checkpoint_mananager  # sic: verl's attribute name
+    yield "hf_save_complete", _hf_save_once(manager, os.path.join(save_root, "complete"))
+    if rank == 0:  # the writer loses an MTP tensor from the file that holds it
+        real_save = bridge.save_weights
+
+        def losing_save(models, weights_path, **kwargs):
+            real_save(models, weights_path, **kwargs)
+            _drop_from_shards(weights_path, DROPPED)
+
+        bridge.save_weights = losing_save
+    yield "hf_save_file_lost", _hf_save_once(manager, os.path.join(save_root, "lost"))
+    vars(bridge).pop("save_weights", None)
+    real.close()
