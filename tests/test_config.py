@@ -117,6 +117,115 @@ def test_as_extended_upgrades_plain_verl_config_and_rejects_unknown_keys():
     assert model_mod.MtpConfig is ExtendedMtpConfig
 
 
+def test_unknown_keys_name_the_closest_valid_key():
+    with pytest.raises(MtpConfigError) as info:
+        as_extended({"occ_scal": 1, "detach_encodr": True, "zzz": 1})
+    message = str(info.value)
+    assert "actor_rollout_ref.model.mtp.occ_scal (did you mean occ_scale?)" in message
+    assert "actor_rollout_ref.model.mtp.detach_encodr (did you mean detach_encoder?)" in message
+    assert "actor_rollout_ref.model.mtp.zzz;" in message  # nothing close: no guess
+    assert "valid keys are adaptive_spec_hysteresis," in message and "_target_" not in message
+
+
+def test_misspelt_key_through_verl_config_conversion(make_checkpoint):
+    # The driver: verl's validate_config (the plugin puts the MTP check first) on a composed run
+    # config; stock verl's config needs '+' for a key it does not declare.
+    cfg = _run_config(["+actor_rollout_ref.model.mtp.occ_scal=1"], "ppo_megatron_trainer", "verl.trainer.config")
+    from verl.utils.config import validate_config
+
+    with pytest.raises(MtpConfigError, match=r"mtp\.occ_scal \(did you mean occ_scale\?\)"):
+        validate_config(cfg, use_reference_policy=False, use_critic=False)
+    # The workers: verl's omega_conf_to_dataclass on the model node (Hydra `_target_` path).
+    node = _model_node(make_checkpoint())
+    node.mtp["occ_scal"] = 1
+    with pytest.raises(Exception, match=r"mtp\.occ_scal \(did you mean occ_scale\?\)"):
+        omega_conf_to_dataclass(node)
+    with pytest.raises(MtpConfigError, match=r"did you mean mtp_loss_type\?"):
+        ExtendedMtpConfig(mtp_los_type="rl")
+
+
+# --- booleans: what OmegaConf accepts, converted before the regime is resolved -------------------
+
+BOOL_INPUTS = [
+    True, False, 0, 1, 2, -1, "true", "False", "TRUE", "yes", "Yes", "no", "NO", "on", "off", "OFF", "y", "N",
+    "1", "0", " 1 ", "2", "1_0", "-0", "maybe", "", "t", "f", " yes", "nope", "None", "null", 1.0, 0.0, None, [1],
+]
+
+
+@dataclasses.dataclass
+class _OneBool:
+    flag: bool = False
+
+
+def _omegaconf_bool(value):
+    """What OmegaConf's structured path makes of ``value`` for a ``bool`` field (None = refused)."""
+    from omegaconf.errors import ValidationError
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(_OneBool), {"flag": value}).flag
+    except ValidationError:
+        return None
+
+
+@pytest.mark.parametrize("value", BOOL_INPUTS, ids=repr)
+@pytest.mark.parametrize("key", ["enable", "enable_rollout", "mtp_allow_fresh_head_on_resume", "spec_step_metrics"])
+def test_booleans_accept_exactly_what_omegaconf_accepts(key, value):
+    expected = _omegaconf_bool(value)
+    if expected is None:
+        with pytest.raises(MtpConfigError) as info:
+            ExtendedMtpConfig(**{key: value})
+        assert str(info.value) == (
+            f"actor_rollout_ref.model.mtp.{key}={value!r} is invalid: expected a boolean: true or false "
+            f"(also yes/no, on/off, y/n in any case, or an integer: 0 = false)"
+        )
+    else:
+        kwargs = {key: value, "enable": True} if key == "enable_rollout" else {key: value}
+        got = getattr(ExtendedMtpConfig(**kwargs), key)
+        assert got is expected
+
+
+@pytest.mark.parametrize(
+    "settings, mode",
+    [
+        ({"enable": "yes", "enable_train": "no"}, "disabled"),
+        ({"enable": True, "enable_train": "False", "detach_encoder": "on"}, "disabled"),
+        ({"enable": "on", "enable_train": "yes", "detach_encoder": "off"}, "joint"),
+        ({"enable": 1, "enable_train": "1", "detach_encoder": "0"}, "joint"),
+        ({"enable": "true", "enable_train": "Y", "detach_encoder": "on"}, "standalone"),
+    ],
+)
+def test_boolean_words_resolve_the_regime_as_booleans(settings, mode):
+    cfg = ExtendedMtpConfig(**settings)
+    assert cfg.mtp_training_mode == mode
+    assert all(type(getattr(cfg, k)) is bool for k in ("enable", "enable_train", "enable_rollout", "detach_encoder"))
+
+
+@pytest.mark.parametrize("key, value", [("enable_train", "maybe"), ("detach_encoder", "offf"),
+                                        ("enable_rollout", "maybe"), ("enable", None), ("adaptive_speculation", 1.5)])
+def test_bad_boolean_is_refused(key, value):
+    with pytest.raises(MtpConfigError, match=rf"mtp\.{key}={value!r} is invalid: expected a boolean: true or false"):
+        ExtendedMtpConfig(**{"enable": True, key: value})
+
+
+def test_boolean_words_from_the_command_line_through_verl(make_checkpoint):
+    # Hydra hands `enable_train=no` through as the string 'no' (the wrapper declares no types).
+    overrides = ["actor_rollout_ref.model.mtp.enable=True", "actor_rollout_ref.model.mtp.enable_train=no",
+                 "actor_rollout_ref.model.mtp.detach_encoder=off"]
+    cfg = _run_config(overrides)
+    assert cfg.actor_rollout_ref.model.mtp.enable_train == "no"
+    assert validate_mtp_run_config(cfg).mtp_training_mode == "disabled"
+    # verl's model-node conversion on both paths: Hydra `_target_` and OmegaConf.structured.
+    for dataclass_type in (None, HFModelConfig):
+        node = _model_node(make_checkpoint(name=f"m{dataclass_type is None}"))
+        node.mtp = {"_target_": "verl.workers.config.MtpConfig", "enable": True, "enable_train": "no",
+                    "enable_rollout": "off"}
+        mtp = omega_conf_to_dataclass(node, dataclass_type=dataclass_type).mtp
+        assert (mtp.mtp_training_mode, mtp.enable_train, mtp.enable_rollout) == ("disabled", False, False)
+        node.mtp.enable_rollout = "maybe"
+        with pytest.raises(Exception, match="enable_rollout"):
+            omega_conf_to_dataclass(node, dataclass_type=dataclass_type)
+
+
 # --- MTP depth detection ----------------------------------------------------------------------
 
 

@@ -352,9 +352,9 @@ def test_opt_in_refuses_loading_the_optimizer(no_mtp_checkpoint):
 
 def test_opt_in_key_is_validated():
     assert ExtendedMtpConfig().mtp_allow_fresh_head_on_resume is False
-    expected = r"mtp\.mtp_allow_fresh_head_on_resume='yes' is invalid: expected true or false"
+    expected = r"mtp\.mtp_allow_fresh_head_on_resume='maybe' is invalid: expected a boolean: true or false"
     with pytest.raises(MtpConfigError, match=expected):
-        ExtendedMtpConfig(mtp_allow_fresh_head_on_resume="yes")
+        ExtendedMtpConfig(mtp_allow_fresh_head_on_resume="maybe")
 
 
 def test_patch_is_applied_and_undoable():

@@ -9,12 +9,14 @@ checks that need the whole run config (strategy, model checkpoint) and runs in t
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from verl_mtp.models.families import DEPTH_KEYS, mtp_depths
 # drafter_sync_check's choices: auto | raise | warn (+ speculation off for the next step) | off
@@ -47,6 +49,41 @@ def _error(key: str, value: Any, expected: str) -> MtpConfigError:
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise _error(key, value, f"valid choices are {', '.join(choices)}")
+
+
+# What OmegaConf's BooleanNode turns into a bool (the structured-config path converts with it; the
+# Hydra `_target_` path and plain Python hand strings through, so we convert the same way):
+# bools, integers and integer strings (0 is False), and these words in any case.
+_TRUE_WORDS = ("true", "yes", "on", "y")
+_FALSE_WORDS = ("false", "no", "off", "n")
+BOOL_CHOICES = "true or false (also yes/no, on/off, y/n in any case, or an integer: 0 = false)"
+
+
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value != 0
+    if isinstance(value, str):
+        try:
+            return int(value) != 0
+        except ValueError:
+            pass
+        if value.lower() in _TRUE_WORDS:
+            return True
+        if value.lower() in _FALSE_WORDS:
+            return False
+    raise _error(key, value, f"expected a boolean: {BOOL_CHOICES}")
+
+
+def unknown_keys_error(unknown: Iterable[str], valid: Iterable[str]) -> MtpConfigError:
+    """Unknown ``mtp.*`` keys, each with the closest valid key when one is close."""
+    valid = sorted(set(valid) - {"_target_"})
+    named = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, valid, n=1)
+        named.append(f"{MTP_KEY_PREFIX}.{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return MtpConfigError(f"unknown key(s) {', '.join(named)}; valid keys are {', '.join(valid)}")
 
 
 def _check_finite(key: str, value: Any, *, minimum: float | None = None, strict: bool = False) -> None:
@@ -141,12 +178,18 @@ class ExtendedMtpConfig(VerlMtpConfig):
     spec_accept_collapse_window: int = 8
 
     def __post_init__(self):
+        self._coerce_booleans()
         self._resolve_training_mode()
         self._validate()
 
     # BaseConfig freezes fields once set, so resolution writes through object.__setattr__.
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
+
+    def _coerce_booleans(self) -> None:
+        # Before regime resolution: a string such as "no" is truthy and would pick the wrong regime.
+        for name in _BOOL_FIELDS:
+            self._set(name, _to_bool(name, getattr(self, name)))
 
     def _resolve_training_mode(self) -> None:
         mode = self.mtp_training_mode
@@ -203,8 +246,6 @@ class ExtendedMtpConfig(VerlMtpConfig):
         n = self.mtp_num_layers
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise _error("mtp_num_layers", n, "expected a positive integer, or null to use every depth")
-        if not isinstance(self.mtp_allow_fresh_head_on_resume, bool):
-            raise _error("mtp_allow_fresh_head_on_resume", self.mtp_allow_fresh_head_on_resume, "expected true or false")
         c = self.mtp_logits_chunk_tokens
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
             raise _error("mtp_logits_chunk_tokens", c, "expected an integer >= 0 (tokens per logits chunk; 0 = unchunked)")
@@ -222,9 +263,6 @@ class ExtendedMtpConfig(VerlMtpConfig):
             )
 
     def _validate_speculation_policy(self) -> None:
-        for key in ("spec_step_metrics", "adaptive_speculation"):
-            if not isinstance(getattr(self, key), bool):
-                raise _error(key, getattr(self, key), "expected true or false")
         for key, minimum in (("adaptive_spec_probe_steps", 1), ("adaptive_spec_min_dwell_steps", 1),
                              ("adaptive_spec_window", 1), ("spec_accept_collapse_window", 2)):
             v = getattr(self, key)
@@ -256,6 +294,25 @@ class ExtendedMtpConfig(VerlMtpConfig):
 # Fields verl's own MtpConfig declares; everything else on ExtendedMtpConfig is ours.
 VERL_MTP_FIELDS = tuple(f.name for f in fields(VerlMtpConfig))
 PLUGIN_MTP_FIELDS = tuple(f.name for f in fields(ExtendedMtpConfig) if f.name not in VERL_MTP_FIELDS)
+MTP_FIELDS = frozenset(f.name for f in fields(ExtendedMtpConfig))
+# verl's fields are annotated with the type, ours (postponed annotations) with its name.
+_BOOL_FIELDS = tuple(f.name for f in fields(ExtendedMtpConfig) if f.type in (bool, "bool"))
+
+
+def _init_rejecting_unknown_keys(init):
+    # Hydra's `_target_` path calls the class with the node's keys: a misspelt key would
+    # otherwise surface as a bare TypeError from the generated __init__.
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = set(kwargs) - MTP_FIELDS
+        if unknown:
+            raise unknown_keys_error(unknown, MTP_FIELDS)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+ExtendedMtpConfig.__init__ = _init_rejecting_unknown_keys(ExtendedMtpConfig.__init__)
 
 
 def as_extended(mtp_config: Any) -> ExtendedMtpConfig:
@@ -273,13 +330,9 @@ def as_extended(mtp_config: Any) -> ExtendedMtpConfig:
     else:  # a DictConfig / dict
         values = {k: v for k, v in dict(mtp_config).items()}
     values.pop("_target_", None)
-    known = {f.name for f in fields(ExtendedMtpConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = set(values) - MTP_FIELDS
     if unknown:
-        raise MtpConfigError(
-            f"unknown key(s) {', '.join(f'{MTP_KEY_PREFIX}.{k}' for k in unknown)}; "
-            f"valid keys are {', '.join(sorted(known - {'_target_'}))}"
-        )
+        raise unknown_keys_error(unknown, MTP_FIELDS)
     return ExtendedMtpConfig(**values)
 
 
