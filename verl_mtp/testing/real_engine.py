@@ -64,7 +64,9 @@ class MiMoConfig(Qwen2Config):
 '''
 
 # TransformerConfig overrides a CPU build needs (verl's override_transformer_config): no fused
-# kernels (CUDA / apex / TE only), megatron's local attention, no dropout (deterministic tests).
+# kernels (CUDA / apex / TE only), no dropout (deterministic tests). attention_backend stays
+# "auto" (the layer spec is the local one either way): "local" makes megatron set the NVTE_*
+# variables process-wide, which every later "auto" model in the process then refuses.
 CPU_TRANSFORMER_OVERRIDES = dict(
     bias_activation_fusion=False,
     bias_dropout_fusion=False,
@@ -72,7 +74,7 @@ CPU_TRANSFORMER_OVERRIDES = dict(
     persist_layer_norm=False,
     gradient_accumulation_fusion=False,
     apply_rope_fusion=False,
-    attention_backend="local",
+    attention_backend="auto",
     hidden_dropout=0.0,
     attention_dropout=0.0,
 )
@@ -227,7 +229,12 @@ def mbridge_model_type_compat():
 
 @contextlib.contextmanager
 def cpu_engine_runtime():
-    """Every global CUDA redirection above, for the duration (see the module docstring)."""
+    """Every global CUDA redirection above, for the duration (see the module docstring); inside
+    :func:`engine_device` ("cuda") none of them, only the version shim."""
+    if _engine_device == "cuda":
+        with mbridge_model_type_compat():
+            yield
+        return
     with contextlib.ExitStack() as stack:
         stack.enter_context(cpu_megatron())
         stack.enter_context(modules_stay_on_cpu())
@@ -236,6 +243,52 @@ def cpu_engine_runtime():
         stack.enter_context(cuda_memory_stats_empty())
         stack.enter_context(mbridge_model_type_compat())
         yield
+
+
+# --- the same engine on a GPU -------------------------------------------------------------------
+
+_engine_device = "cpu"
+ENGINE_DEVICES = ("cpu", "cuda")
+
+
+@contextlib.contextmanager
+def engine_device(device: str):
+    """Build and run :class:`RealEngine` on ``device`` for the duration: "cpu" (the default: every
+    CUDA redirection of :func:`cpu_engine_runtime`) or "cuda" (none of them: megatron and verl
+    allocate, synchronize and move the model to the GPU as in a real run). Both keep megatron's
+    local attention with :func:`causal_mask_for_local_attention` and the version shim."""
+    global _engine_device
+    if device not in ENGINE_DEVICES:
+        raise ValueError(f"device={device!r}: valid choices are {', '.join(ENGINE_DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    previous, _engine_device = _engine_device, device
+    try:
+        yield
+    finally:
+        _engine_device = previous
+
+
+def init_engine_process_group(device: str = "cpu") -> None:
+    """World size 1 and megatron's model-parallel state (TP = PP = 1), idempotent: gloo on the CPU,
+    nccl on CUDA (the distributed optimizer reduce-scatters CUDA gradient buffers, which gloo cannot)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from verl_mtp.megatron.single_process import _free_port, init_single_process_megatron
+
+    if device not in ENGINE_DEVICES:
+        raise ValueError(f"device={device!r}: valid choices are {', '.join(ENGINE_DEVICES)}")
+    if device == "cpu":
+        init_single_process_megatron()
+        return
+    torch.cuda.set_device(0)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
 
 
 # --- building the engine as verl's actor worker does --------------------------------------------
@@ -417,6 +470,42 @@ class RealEngine:
             "entropys": no_padding_2_padding(tu.get(output, "entropy"), data).float(),
             "metrics": tu.get(output, "metrics"),
         }
+
+    def mini_batch_data(self, batch, old_log_probs: torch.Tensor | None = None, advantages: torch.Tensor | None = None,
+                        calculate_entropy: bool = False):
+        """``batch`` as the engine receives one mini-batch from the worker's ``train_batch``
+        (no-padding layout, the worker's engine defaults, the trainer's meta keys)."""
+        import verl.utils.tensordict_utils as tu
+        from verl.workers.utils.padding import left_right_2_no_padding
+
+        data = batch.clone()
+        width = data["responses"].shape[1]
+        data["old_log_probs"] = (torch.zeros(len(data), width) if old_log_probs is None else old_log_probs).float()
+        data["advantages"] = (torch.zeros(len(data), width) if advantages is None else advantages).float()
+        data = left_right_2_no_padding(data)
+        config = self.worker.engine_config
+        tu.assign_non_tensor(
+            data, calculate_entropy=calculate_entropy, distillation_use_topk=False, distillation_only=False,
+            global_batch_size=len(batch), temperature=self.temperature,
+            use_remove_padding=self.worker.model_config.use_remove_padding, use_dynamic_bsz=config.use_dynamic_bsz,
+            max_token_len_per_gpu=config.max_token_len_per_gpu, micro_batch_size_per_gpu=config.micro_batch_size_per_gpu,
+            use_fused_kernels=config.use_fused_kernels,
+        )
+        return data
+
+    def forward_backward(self, data, loss_function, forward_only: bool = False):
+        """The engine's own ``forward_backward_batch`` (megatron's schedule) with ``loss_function``
+        (verl's signature: ``model_output, data, dp_group`` -> ``loss, metrics``), in train mode;
+        gradients stay in megatron's DDP buffers (``param.main_grad``) until :meth:`zero_grad`."""
+        with cpu_engine_runtime(), self.engine.train_mode(disable_auto_offload=True, zero_grad_on_exit=False):
+            if forward_only:
+                with torch.no_grad():
+                    return self.engine.forward_backward_batch(data, loss_function, forward_only=True)
+            return self.engine.forward_backward_batch(data, loss_function, forward_only=False)
+
+    def zero_grad(self) -> None:
+        with cpu_engine_runtime():
+            self.engine.optimizer_zero_grad()
 
     def update_actor(self, batch, old_log_probs: torch.Tensor, advantages: torch.Tensor, *,
                      epochs: int = 1, shuffle: bool = False) -> dict:
