@@ -19,7 +19,6 @@ from verl.workers.utils.losses import ppo_loss
 from verl_mtp.config import ExtendedMtpConfig
 from verl_mtp.loss import MtpPolicyLoss
 from verl_mtp.megatron.compat import expected_gradient_reach
-from verl_mtp.megatron.grad_reach import gradient_norms_by_group
 from verl_mtp.testing import engine_step, real_engine
 from verl_mtp.testing.tiny_megatron import TinyGPTSpec, cpu_megatron
 

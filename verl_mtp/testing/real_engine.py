@@ -40,7 +40,6 @@ attention; megatron's local layer spec and torch norms instead of TransformerEng
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 from dataclasses import dataclass, field
