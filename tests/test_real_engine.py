@@ -155,10 +155,12 @@ def _spawn_pipeline(checkpoint, scenarios, out_dir):
 @pytest.mark.slow
 def test_two_pipeline_stages_on_gloo(checkpoint, no_mtp_step, tmp_path):
     # Two ranks, pipeline parallelism 2: megatron's p2p exchange runs on gloo, the MTP head and
-    # the loss on the last stage. The same step as the single-rank tests, so the same numbers.
+    # the loss on the last stage. The same step as the single-rank tests, so the same numbers;
+    # OCC in both scopes (mini_batch: the pre-pass runs on both stages, lambda where the loss runs).
     scenarios = [
         dict(mtp_training_mode="standalone", mtp_loss_type="ce"),
         dict(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ", occ_scope="micro_batch"),
+        dict(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ", occ_scope="mini_batch"),
     ]
     first, last = _spawn_pipeline(checkpoint, scenarios, tmp_path)
     single = {i: step(checkpoint, clip_grad=1.0, enable=True, enable_train=True, **s) for i, s in enumerate(scenarios)}
@@ -173,6 +175,10 @@ def test_two_pipeline_stages_on_gloo(checkpoint, no_mtp_step, tmp_path):
             assert values(metrics, key) == pytest.approx(values(reference, key), abs=2e-2), key
     assert values(last[0]["metrics"], "mtp_losses/mtp_1_loss")[0] == pytest.approx(
         values(single[0].metrics, "mtp_losses/mtp_1_loss")[0], abs=2e-2)
-    coef = values(last[1]["metrics"], "actor/mtp_1/coef")
-    assert values(last[1]["metrics"], "actor/mtp_1/occ_on_policy") == [1.0, 1.0, 0.0, 0.0]
-    assert all(torch.isfinite(torch.tensor(coef))) and coef[2] != 0.0
+    for index in (1, 2):  # OCC, micro_batch and mini_batch scope: lambda where the loss runs (stage 1)
+        coef = values(last[index]["metrics"], "actor/mtp_1/coef")
+        assert values(last[index]["metrics"], "actor/mtp_1/occ_on_policy") == [1.0, 1.0, 0.0, 0.0]
+        assert all(torch.isfinite(torch.tensor(coef))) and coef[2] != 0.0
+        assert coef == pytest.approx(values(single[index].metrics, "actor/mtp_1/coef"), rel=2e-2)
+    lam = values(last[2]["metrics"], "actor/mtp_1/coef")
+    assert lam[2] == lam[3]  # one lambda for the whole second mini-batch
