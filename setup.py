@@ -41,12 +41,24 @@ setup(
         "hydra-core>=1.3",
         "tensordict>=0.8,<=0.10",
         "packaging",
+        # verl 0.9.1's rollout servers and router import these at module level (main_ppo reaches
+        # them) but verl declares them only in its verl-core extra, which also pulls pytest, CUDA
+        # profilers and vision packages.
+        "uvicorn",
+        "fastapi",
+        "cachetools",
+        "matplotlib>=3.7",  # the demo's figure
+        # Keeps pip's resolver from backtracking through ~20 releases: verl pins tensordict<=0.10,
+        # which needs pyvers<0.2, which needs packaging<26, while virtualenv (from ray[default])
+        # needs packaging>=26.3 from 21.14.6 on. Without the bound pip downloads each newer
+        # virtualenv before settling on 21.14.5.
+        "virtualenv>=20.26,<21.14.6",
     ],
     extras_require={
         "vllm": ["vllm>=0.10"],
         "sglang": ["sglang>=0.5"],
-        "demo": ["matplotlib>=3.7"],  # the demo's figure
-        "test": ["pytest>=8", "pytest-timeout", "cachetools", "uvicorn", "fastapi", "matplotlib>=3.7"],
+        "demo": [],  # kept so that `verl-mtp[demo]` still resolves: the demo's needs are in the base install
+        "test": ["pytest>=8", "pytest-timeout"],
     },
     entry_points={
         # `import verl` imports every module registered in this group (see verl/__init__.py).
