@@ -8,6 +8,7 @@ CUDA-only engine parts). Sampling is a plain loop: there is no inference engine 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -24,17 +25,22 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
+    lines = []
     options = DemoOptions(
         steps=STEPS, regimes=REGIMES, warmup_steps=3, prompts_per_step=4, samples_per_prompt=2,
-        micro_batch_size=4, out_dir=str(out), progress=None,
+        micro_batch_size=4, out_dir=str(out), progress=lines.append,
     )
-    return run_demo(options)
+    return {**run_demo(options), "progress": lines}
+
+
+def _records(demo):
+    with open(demo["metrics"]) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_metrics_for_every_regime_are_finite(demo):
-    with open(demo["metrics"]) as f:
-        records = [json.loads(line) for line in f]
-    assert [(r["regime"], r["step"]) for r in records] == [(g, s) for g in REGIMES for s in range(STEPS)]
+    records = _records(demo)
+    assert [(r["regime"], r["step"]) for r in records] == [(g, s) for g in REGIMES for s in range(1, STEPS + 1)]
     for r in records:
         numbers = {k: v for k, v in r.items() if k not in ("regime", "step") and v is not None}
         assert all(math.isfinite(v) for v in numbers.values()), r
@@ -45,7 +51,7 @@ def test_metrics_for_every_regime_are_finite(demo):
     coef = {r["regime"]: r["coef"] for r in records}
     assert coef["disabled"] == 0.0 and coef["standalone"] == coef["joint"] == coef["rl"] == 0.1
     # Same weights, prompts and sampling seeds: every regime's first step sees the same rollouts.
-    first = {r["regime"]: r for r in records if r["step"] == 0}
+    first = {r["regime"]: r for r in records if r["step"] == 1}
     assert len({round(r["reward"], 9) for r in first.values()}) == 1
     assert len({round(r["draft_agreement"], 9) for r in first.values() if r["draft_agreement"] is not None}) == 1
 
@@ -54,6 +60,68 @@ def test_figure_is_a_png(demo):
     with open(demo["figure"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(demo["figure"]) > 10_000
+
+
+def test_steps_are_counted_from_1_in_metrics_progress_and_figure(demo):
+    import matplotlib.pyplot as plt
+
+    from verl_mtp.demo import REGIME_LABELS, build_figure
+
+    in_metrics = {g: [r["step"] for r in _records(demo) if r["regime"] == g] for g in REGIMES}
+    in_progress = {g: [] for g in REGIMES}
+    for line in demo["progress"]:
+        found = re.match(r"\[(\w+) *\] step +(\d+)/(\d+) ", line)
+        if found:
+            assert int(found.group(3)) == STEPS
+            in_progress[found.group(1)].append(int(found.group(2)))
+    fig = build_figure(demo["results"])
+    try:
+        for ax in fig.axes:
+            in_figure = {line.get_label(): [int(x) for x in line.get_xdata()] for line in ax.get_lines()}
+            assert in_figure == {REGIME_LABELS[g]: in_metrics[g] for g in REGIMES}
+    finally:
+        plt.close(fig)
+    assert in_metrics == in_progress == {g: list(range(1, STEPS + 1)) for g in REGIMES}
+
+
+def test_figure_labels_every_axis_and_tells_coinciding_regimes_apart(demo):
+    import matplotlib.pyplot as plt
+
+    from verl_mtp.demo import LINE_STYLES, build_figure
+
+    fig = build_figure(demo["results"])
+    try:
+        assert len(fig.axes) == 4
+        for ax in fig.axes:
+            assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+            lines = ax.get_lines()
+            assert len(lines) == len(REGIMES)
+            # colour alone does not separate lines drawn exactly on top of each other (three regimes
+            # share lambda = 0.1): each has its own marker and width, and a visible line style
+            assert len({line.get_marker() for line in lines}) == len(lines)
+            assert len({line.get_linewidth() for line in lines}) == len(lines)
+            assert all(line.get_linestyle() not in ("None", "") for line in lines)
+    finally:
+        plt.close(fig)
+    dashes = [style[1] for style in LINE_STYLES.values()]
+    assert set(LINE_STYLES) == set(REGIMES) and len(set(map(str, dashes))) == len(dashes)
+
+
+def test_sampler_log_probs_equal_verls_engine_forward(demo):
+    """The demo trains on the sampler's log-probs as old log-probs: they must be what verl's actor
+    forward (the engine's, with its temperature scaling) computes for the same tokens."""
+    from verl_mtp.demo import (
+        RESPONSE_LEN, build_model, engine_log_probs, generate, load_parameters, regime_config, sample_prompts,
+    )
+
+    model = build_model(regime_config("joint"))
+    load_parameters(model, demo["initial_state"])
+    prompts, _ = sample_prompts(6, torch.Generator().manual_seed(3))
+    for temperature in (1.0, 0.7):
+        responses, sampled = generate(model, prompts, temperature, torch.Generator().manual_seed(4))
+        assert responses.shape == sampled.shape == (6, RESPONSE_LEN)
+        recomputed = torch.stack(engine_log_probs(model, list(prompts), list(responses), temperature))
+        torch.testing.assert_close(sampled, recomputed, atol=1e-5, rtol=1e-5)
 
 
 def _trunk(state):
@@ -90,9 +158,54 @@ def test_summary_table_lists_every_regime(demo):
     assert all(REGIME_LABELS[r] in table for r in REGIMES)
 
 
-def test_cli_rejects_an_unknown_regime(tmp_path):
-    cli = os.path.join(os.path.dirname(sys.executable), "verl-mtp")
-    proc = subprocess.run([cli, "demo", "--regimes", "joint,sft", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "unknown demo regime(s) sft; valid choices are none, disabled, standalone, joint, rl, rl_occ" in proc.stderr
+CLI = os.path.join(os.path.dirname(sys.executable), "verl-mtp")
+CHOICES = "valid choices are none, disabled, standalone, joint, rl, rl_occ"
+
+
+def _cli(*args, timeout=300):
+    """``verl-mtp ARGS`` in a fresh process, as from a shell: without this process's rendezvous
+    port (the demo fixture's gloo group holds it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize(
+    "regimes, message",
+    [
+        ("joint,sft", f"unknown demo regime(s) sft; {CHOICES}"),
+        (",", f"--regimes names no regime; {CHOICES}"),
+        ("", f"--regimes names no regime; {CHOICES}"),
+        ("joint,rl,joint", "--regimes names joint more than once"),
+    ],
+)
+def test_cli_rejects_a_bad_regime_list(tmp_path, regimes, message):
+    out = tmp_path / "out"
+    proc = _cli("demo", "--regimes", regimes, "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert not out.exists()  # rejected before anything ran
+
+
+@pytest.mark.slow
+def test_cli_prints_progress_lines_and_the_table_only(tmp_path):
+    """The smallest CLI run end to end: no model tree, no patch chatter, no dependency warnings."""
+    proc = _cli(
+        "demo", "--steps", "2", "--warmup-steps", "1", "--regimes", "none,disabled,rl_occ", "--out", str(tmp_path),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    table = re.compile(r"^(regime  .*time s|-+|(no MTP head \(reference\)|disabled \(head frozen\)|rl \+ OCC) .*)$")
+    allowed = [
+        re.compile(r"^warm-up: 1 supervised steps"),
+        re.compile(r"^\[(none|disabled|rl_occ) *\] step +[12]/2  reward \d\.\d{3}  "),
+        table,
+        re.compile(r"^(metrics|figure): +" + re.escape(str(tmp_path))),
+        re.compile(r"^$"),
+    ]
+    unexpected = [line for line in proc.stdout.splitlines() if not any(p.match(line) for p in allowed)]
+    assert unexpected == []
+    assert "GPTModel(" not in proc.stdout and len(proc.stdout.splitlines()) < 20
+    assert sum(bool(table.match(line)) for line in proc.stdout.splitlines()) == 2 + 3
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2] * 3

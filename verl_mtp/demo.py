@@ -6,7 +6,8 @@ advantages from verl's ``core_algos``; updates through verl's ``BaseEngine.train
 Megatron engine forward and the installed actor loss (verl's ``ppo_loss`` + verl-mtp's MTP term).
 What is not: the Megatron engine's CUDA-only parts (optimizer wrapper, DDP) are replaced by
 ``CpuStandInEngine`` (Adam here), there is no inference engine (sampling is a plain loop over the
-model), and the task is a toy.
+model, whose log-probs serve as the old log-probs, as an engine's rollout log-probs can in verl),
+and the task is a toy.
 
 The task: a prompt is ``BOS a a+d a+2d a+3d`` (digits, mod 10) and the response should continue
 the pattern for ``RESPONSE_LEN`` digits; the reward is the fraction of digits right. Every regime
@@ -16,16 +17,22 @@ head, so rewards are not all zero) and sees the same prompts and sampling seeds.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
+import logging
 import math
 import os
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
 
-import torch
+# torch, verl and megatron are imported inside the functions that use them: `verl-mtp --help`
+# imports this module for the regime names and must stay fast.
 
 BOS = 10
 VOCAB = 16  # digits 0-9, BOS, unused ids (sampled like any token; a non-digit is simply wrong)
@@ -68,7 +75,7 @@ class DemoOptions:
     regimes: tuple = DEFAULT_REGIMES
     seed: int = 0
     out_dir: str = "verl_mtp_demo"
-    prompts_per_step: int = 16
+    prompts_per_step: int = 8
     samples_per_prompt: int = 8  # GRPO group size
     mini_batches: int = 2  # updates per step; OCC's lambda is measured off-policy from the second on
     micro_batch_size: int = 32
@@ -81,12 +88,23 @@ class DemoOptions:
     progress: Optional[Callable[[str], None]] = print
 
     def __post_init__(self):
+        self.regimes = tuple(self.regimes)
+        if not self.regimes:
+            raise ValueError(f"--regimes names no regime; valid choices are {', '.join(REGIMES)} (comma-separated)")
         bad = [r for r in self.regimes if r not in REGIMES]
         if bad:
             raise ValueError(f"unknown demo regime(s) {', '.join(bad)}; valid choices are {', '.join(REGIMES)}")
+        repeated = sorted({r for r in self.regimes if self.regimes.count(r) > 1})
+        if repeated:
+            raise ValueError(f"--regimes names {', '.join(repeated)} more than once; each regime runs once")
         for key in ("steps", "prompts_per_step", "samples_per_prompt", "mini_batches", "micro_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')}={getattr(self, key)} is invalid: expected >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps={self.warmup_steps} is invalid: expected >= 0")
+        if self.figure and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("the figure needs matplotlib, which is not installed: reinstall verl-mtp "
+                             "(it depends on matplotlib) or pass --no-figure")
         if (self.prompts_per_step * self.samples_per_prompt) % self.mini_batches:
             raise ValueError(
                 f"{self.prompts_per_step * self.samples_per_prompt} rollouts per step do not split into "
@@ -107,6 +125,8 @@ class RegimeResult:
 
 def sample_prompts(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts [n, PROMPT_LEN] and the correct continuations [n, RESPONSE_LEN]."""
+    import torch
+
     start = torch.randint(0, 10, (n, 1), generator=generator)
     step = torch.randint(1, 4, (n, 1), generator=generator)
     digits = (start + step * torch.arange(PROMPT_DIGITS + RESPONSE_LEN)) % 10
@@ -134,38 +154,72 @@ def model_spec(with_head: bool = True):
 def build_model(mtp, with_head: bool = True):
     from verl_mtp.testing import engine_step
 
-    return engine_step.build_engine_model(mtp, model_spec(with_head))
+    with _quiet_model_build():
+        return engine_step.build_engine_model(mtp, model_spec(with_head))
 
 
-@torch.no_grad()
-def generate(model, prompts: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """Sample RESPONSE_LEN tokens per prompt (a plain loop: no KV cache, the sequences are tiny)."""
+@contextlib.contextmanager
+def _quiet_model_build():
+    """Swallow what verl prints while it prepares a model for MTP.
+
+    verl 0.9.1's ``patch_engine_mtp`` prints the whole module tree and its MTP patches print a line
+    each (plain ``print``); in a real run that is once per worker, here once per regime. Only stdout
+    is captured, and only around the build: errors still raise.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its "Applying mtp patch..." warning, once per model
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def generate(model, prompts: torch.Tensor, temperature: float, generator: torch.Generator):
+    """Sample RESPONSE_LEN tokens per prompt (a plain loop: no KV cache, the sequences are tiny).
+
+    Returns the responses [n, RESPONSE_LEN] and the sampler's log-probs of the sampled tokens
+    [n, RESPONSE_LEN], as an inference engine returns them with its rollouts.
+    """
+    import torch
+
     from verl_mtp.testing.tiny_megatron import cpu_megatron
 
     model.eval()
     tokens = prompts
-    with cpu_megatron():
+    log_probs = []
+    with cpu_megatron(), torch.no_grad():
         for _ in range(RESPONSE_LEN):
             positions = torch.arange(tokens.shape[1]).expand_as(tokens)
             logits = model(input_ids=tokens, position_ids=positions)[:, -1].float()
-            probs = torch.softmax(logits / temperature, dim=-1)
-            tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
+            scaled = torch.log_softmax(logits / temperature, dim=-1)
+            sampled = torch.multinomial(scaled.exp(), 1, generator=generator)
+            log_probs.append(scaled.gather(-1, sampled))
+            tokens = torch.cat([tokens, sampled], dim=1)
     model.train()
-    return tokens[:, prompts.shape[1]:]
+    return tokens[:, prompts.shape[1]:], torch.cat(log_probs, dim=1)
 
 
-@torch.no_grad()
 def mtp_head_on_rollouts(model, prompts: torch.Tensor, responses: torch.Tensor) -> dict:
     """The depth-1 head on the step's own rollouts: cross-entropy and argmax agreement.
 
     Measured the same way for every regime (``disabled`` included), before the step's update: at
     hidden position t the head predicts token t+2; only response tokens count.
     """
-    from verl_mtp.megatron.mtp_forward import score_mtp_without_grad
-    from verl_mtp.testing.tiny_megatron import cpu_megatron
+    import torch
 
     if getattr(model, "mtp", None) is None:
         return {"mtp_ce": None, "draft_agreement": None}
+    with torch.no_grad():
+        return _score_head(model, prompts, responses)
+
+
+def _score_head(model, prompts, responses) -> dict:
+    import torch
+
+    from verl_mtp.megatron.mtp_forward import score_mtp_without_grad
+    from verl_mtp.testing.tiny_megatron import cpu_megatron
+
     tokens = torch.cat([prompts, responses], dim=1)
     captured = {}
     hook = model.mtp.register_forward_hook(lambda module, args, output: captured.__setitem__("hidden", output))
@@ -196,6 +250,8 @@ def mtp_head_on_rollouts(model, prompts: torch.Tensor, responses: torch.Tensor) 
 
 def warm_up(options: DemoOptions) -> dict:
     """A short supervised phase (trunk + MTP head, cross-entropy), shared by every regime."""
+    import torch
+
     from verl_mtp.testing.tiny_megatron import cpu_megatron
 
     model = build_model(regime_config("joint"))
@@ -226,6 +282,8 @@ def parameters_of(model) -> dict:
 
 def load_parameters(model, parameters: dict) -> None:
     """Copy ``parameters`` into ``model``; a model without an MTP head takes all but the head's."""
+    import torch
+
     own = dict(model.named_parameters())
     missing = set(own) - set(parameters)
     unused = {n for n in set(parameters) - set(own) if not (n.startswith("mtp.") and getattr(model, "mtp", None) is None)}
@@ -239,8 +297,14 @@ def load_parameters(model, parameters: dict) -> None:
 # --- one regime ------------------------------------------------------------------------------
 
 
-def _response_log_probs(model, prompts, responses, temperature) -> list[torch.Tensor]:
-    """Old log-probs of the sampled tokens from verl's engine forward (no grad, no MTP)."""
+def engine_log_probs(model, prompts, responses, temperature) -> list[torch.Tensor]:
+    """Log-probs of the sampled tokens from verl's engine forward (no grad, no MTP).
+
+    What verl's actor recomputes as old log-probs; the demo takes the sampler's instead (equal up
+    to rounding, which a test checks), as that forward over every rollout costs a third of a step.
+    """
+    import torch
+
     from verl_mtp.testing import engine_step
 
     with torch.no_grad():
@@ -253,6 +317,7 @@ def _response_log_probs(model, prompts, responses, temperature) -> list[torch.Te
 
 def _grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     import numpy as np
+    import torch
     from verl.trainer.ppo import core_algos
 
     n = rewards.shape[0]
@@ -281,8 +346,10 @@ def _mean(values):
 
 
 def run_regime(name: str, initial_state: dict, options: DemoOptions) -> RegimeResult:
+    import torch
     import verl.workers.engine_workers as engine_workers
 
+    from verl_mtp.loss import actor_update_step
     from verl_mtp.testing import engine_step
 
     mtp = regime_config(name, options.coef)
@@ -299,24 +366,25 @@ def run_regime(name: str, initial_state: dict, options: DemoOptions) -> RegimeRe
     result = RegimeResult(name)
     started = time.perf_counter()
     group = options.samples_per_prompt
-    for step in range(options.steps):
+    for step in range(1, options.steps + 1):  # counted from 1 in the progress lines, metrics.jsonl and the figure
         prompts, answers = sample_prompts(options.prompts_per_step, prompt_gen)
         prompts, answers = prompts.repeat_interleave(group, 0), answers.repeat_interleave(group, 0)
-        responses = generate(model, prompts, options.temperature, sample_gen)
+        responses, sampled_log_probs = generate(model, prompts, options.temperature, sample_gen)
         rewards = reward(responses, answers)
         head = mtp_head_on_rollouts(model, prompts, responses)
-        old = _response_log_probs(model, prompts, responses, options.temperature)
+        old = list(sampled_log_probs.unbind())
         advantages = _grpo_advantages(rewards, group)
         n = prompts.shape[0]
         size = n // options.mini_batches
         engine.micro_batch_metrics.clear()
-        for start in range(0, n, size):
-            part = slice(start, start + size)
-            data = {
-                "prompts": list(prompts[part]), "responses": list(responses[part]),
-                "old_log_probs": old[part], "advantages": list(advantages[part]),
-            }
-            engine.train_batch(data, loss_function)
+        with actor_update_step(loss_function):  # as verl's mini-batch loop: OCC knows the on-policy one
+            for start in range(0, n, size):
+                part = slice(start, start + size)
+                data = {
+                    "prompts": list(prompts[part]), "responses": list(responses[part]),
+                    "old_log_probs": old[part], "advantages": list(advantages[part]),
+                }
+                engine.train_batch(data, loss_function)
         metrics = engine.micro_batch_metrics
         if mtp.mtp_loss_type == "rl":
             coef = _mean([m.get("actor/mtp_1/coef") for m in metrics])
@@ -337,7 +405,7 @@ def run_regime(name: str, initial_state: dict, options: DemoOptions) -> RegimeRe
             head_text = "no MTP head"
             if head["mtp_ce"] is not None:
                 head_text = f"MTP CE {head['mtp_ce']:.3f}  agreement {head['draft_agreement']:.3f}  lambda {coef:.3g}"
-            options.progress(f"[{name:<10}] step {step + 1:>3}/{options.steps}  reward {record['reward']:.3f}  {head_text}")
+            options.progress(f"[{name:<10}] step {step:>3}/{options.steps}  reward {record['reward']:.3f}  {head_text}")
     result.seconds = time.perf_counter() - started
     result.state = parameters_of(model)
     return result
@@ -380,36 +448,109 @@ def format_summary(rows: list[dict], last: int = 5) -> str:
     return "\n".join(lines)
 
 
+# Regimes often coincide (three share lambda = 0.1; the first steps are identical by design): each
+# has its own colour, dash pattern and marker, and wider lines are drawn first, so a line drawn on
+# top of another leaves the one below visible at its edges.
+LINE_STYLES = {
+    "none": ("0.35", (0, (1, 1)), "x"),
+    "disabled": ("tab:blue", "-", "o"),
+    "standalone": ("tab:orange", (0, (6, 3)), "s"),
+    "joint": ("tab:green", (0, (3, 2, 1, 2)), "^"),
+    "rl": ("tab:red", (0, (1, 2)), "v"),
+    "rl_occ": ("tab:purple", (0, (8, 2, 1, 2, 1, 2)), "D"),
+}
+
+
+def _line_style(name: str, index: int, points: int) -> dict:
+    color, dashes, marker = LINE_STYLES[name]
+    every = max(1, points // 8)
+    return {
+        "color": color, "linestyle": dashes, "marker": marker, "markersize": 5, "fillstyle": "none",
+        "linewidth": 3.2 - 0.45 * index, "zorder": 2 + index,
+        # markers of different regimes on different steps, so coinciding lines each show theirs
+        "markevery": (min(index * max(1, every // len(LINE_STYLES)), points - 1), every),
+    }
+
+
 def write_figure(results: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(results)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_figure(results: dict):
+    """The demo's 2x2 figure (a matplotlib Figure; the caller saves and closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
-        ("reward", "reward (fraction of digits right)"),
-        ("mtp_ce", "MTP head cross-entropy on the rollouts"),
-        ("coef", "MTP coefficient lambda"),
-        ("draft_agreement", "draft agreement (depth-1 argmax = sampled)"),
+    panels = [  # (metric, title, y label)
+        ("reward", "reward on the step's rollouts", "reward (fraction of digits right)"),
+        ("mtp_ce", "MTP head cross-entropy on the rollouts", "cross-entropy (nats/token)"),
+        ("coef", "MTP coefficient lambda", "lambda"),
+        ("draft_agreement", "draft agreement (depth-1 argmax = sampled token)", "agreement (fraction of tokens)"),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (key, title) in zip(axes.flat, panels):
-        for name, result in results.items():
+    for ax, (key, title, ylabel) in zip(axes.flat, panels):
+        for index, (name, result) in enumerate(results.items()):
             values = [math.nan if s[key] is None else s[key] for s in result.steps]
-            ax.plot([s["step"] + 1 for s in result.steps], values, label=REGIME_LABELS[name])
+            ax.plot([s["step"] for s in result.steps], values, label=REGIME_LABELS[name],
+                    **_line_style(name, index, len(result.steps)))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("verl-mtp demo: MTP regimes on a toy verifiable-reward task (CPU)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+@contextlib.contextmanager
+def _demo_runtime():
+    """What the demo changes in its process while it runs, restored afterwards.
+
+    - One torch thread: every op works on a few thousand numbers, where a second intra-op thread
+      costs more in synchronisation than it saves (and on a busy machine its spinning multiplies
+      the CPU time several-fold).
+    - torch.compile off (eager): verl compiles its entropy kernel, and on CPU each compilation
+      (two per shape) costs longer than the whole demo spends in that function.
+    - Library chatter is dropped, so that the output is the progress lines and the table: the
+      warnings of verl and megatron-core about optional packages a CPU run does not have
+      (TransformerEngine, Apex, other verl engines) and log records below ERROR (verl's platform
+      notes and "Applying mtp patch...", torch's fx note). Errors still show and still raise.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    disabled = logging.root.manager.disable
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), torch.compiler.set_stance("force_eager"):
+            for module in (r"megatron\.", r"verl\.workers\.engine", r"transformers\."):
+                warnings.filterwarnings("ignore", category=UserWarning, module=module)
+                warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+            import verl  # noqa: F401 - activates the plugin, as in a real run
+            import verl.workers.engine_workers  # noqa: F401 - imported here, under the filters
+
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        logging.disable(disabled)
 
 
 def run_demo(options: DemoOptions) -> dict:
     """Run every regime of ``options``; write metrics.jsonl, summary.json and demo.png to out_dir."""
-    import verl  # noqa: F401 - activates the plugin, as in a real run
+    with _demo_runtime():
+        return _run_demo(options)
+
+
+def _run_demo(options: DemoOptions) -> dict:
+    import torch
 
     torch.manual_seed(options.seed)
     os.makedirs(options.out_dir, exist_ok=True)
