@@ -94,6 +94,19 @@ def test_plus_prefix_is_accepted_with_the_wrapper():
     assert json.loads(proc.stdout)["enabled"] is False
 
 
+def test_boolean_words_and_unset_rollout_engine(make_checkpoint):
+    # `enable_train=no` is False (before, the non-empty string gave joint); verl's rollout.name
+    # is mandatory (???) in a real run but unset here: say so instead of printing None.
+    proc = explain(
+        f"actor_rollout_ref.model.path={make_checkpoint()}", "actor_rollout_ref.model.mtp.enable=yes",
+        "actor_rollout_ref.model.mtp.enable_train=no", "actor_rollout_ref.model.mtp.detach_encoder=off",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "regime            disabled (enable_train=False, detach_encoder=False)" in proc.stdout
+    assert "rollout           engine not set (actor_rollout_ref.rollout.name, e.g. vllm or sglang); " in proc.stdout
+    assert "None" not in proc.stdout
+
+
 def test_mtp_off_says_verl_is_unchanged():
     proc = explain()
     assert proc.returncode == 0, proc.stderr
@@ -107,7 +120,11 @@ def test_mtp_off_says_verl_is_unchanged():
         (["actor_rollout_ref.model.mtp.mtp_training_mode=frozen"], "valid choices are disabled, standalone, joint"),
         (["actor_rollout_ref.model.mtp.mtp_loss_scaling_factor=-1"], "mtp_loss_scaling_factor=-1 is invalid: expected a number >= 0"),
         (["actor_rollout_ref.model.mtp.mtp_loss_type=rl"], "the RL policy loss needs the MTP head in training"),
-        (["actor_rollout_ref.model.mtp.mtp_los_type=rl"], "Could not override 'actor_rollout_ref.model.mtp.mtp_los_type'"),
+        (["actor_rollout_ref.model.mtp.mtp_los_type=rl"],
+         "unknown key(s) actor_rollout_ref.model.mtp.mtp_los_type (did you mean mtp_loss_type?)"),
+        (["+actor_rollout_ref.model.mtp.occ_scal=2"], "actor_rollout_ref.model.mtp.occ_scal (did you mean occ_scale?)"),
+        (["actor_rollout_ref.model.mtp.enable=True", "actor_rollout_ref.model.mtp.enable_rollout=maybe"],
+         "mtp.enable_rollout='maybe' is invalid: expected a boolean: true or false (also yes/no, on/off"),
         (["actor_rollout_ref.model.mtp.mtp_logits_chunk_tokens=-5"], "mtp_logits_chunk_tokens=-5 is invalid: expected an integer >= 0"),
     ],
 )

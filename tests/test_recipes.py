@@ -196,10 +196,11 @@ def test_spec_off_and_arguments_override_the_recipe(checkpoints, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        # a misspelled key: Hydra refuses it, verl-mtp explains
+        # a misspelled key: verl-mtp names the closest valid one
         (
             "actor_rollout_ref.model.mtp.mtp_los_type=rl",
-            "verl-mtp: the overrides do not compose: Could not override 'actor_rollout_ref.model.mtp.mtp_los_type'",
+            "verl-mtp: invalid MTP config: unknown key(s) actor_rollout_ref.model.mtp.mtp_los_type "
+            "(did you mean mtp_loss_type?)",
         ),
         # a misspelled value: verl-mtp's validation names the key, the value and the choices
         (

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from verl_mtp.config import (
-    MTP_KEY_PREFIX,
-    PLUGIN_MTP_FIELDS,
-    ExtendedMtpConfig,
-    resolve_run_depths,
-    validate_mtp_run_config,
-)
+if TYPE_CHECKING:
+    from verl_mtp.config import ExtendedMtpConfig
+
+# verl_mtp.config (and so verl) is imported by the functions that need it: the CLI reads
+# WRAPPER_CONFIG_NAME while building its parser, which must stay cheap.
 
 WRAPPER_CONFIG_MODULE = "verl_mtp.conf"
 WRAPPER_CONFIG_NAME = "ppo_megatron_mtp"
@@ -53,8 +51,24 @@ def normalize_overrides(overrides: list[str], config_name: str) -> list[str]:
     """
     if config_name != WRAPPER_CONFIG_NAME:
         return list(overrides)
+    from verl_mtp.config import MTP_KEY_PREFIX, PLUGIN_MTP_FIELDS
+
     declared = {f"+{MTP_KEY_PREFIX}.{name}=" for name in PLUGIN_MTP_FIELDS}
     return [o[1:] if any(o.startswith(prefix) for prefix in declared) else o for o in overrides]
+
+
+def _check_mtp_override_keys(overrides: list[str]) -> None:
+    """A misspelt ``mtp.*`` key fails here with the closest valid key, not as Hydra's "not in struct"."""
+    from verl_mtp.config import MTP_FIELDS, MTP_KEY_PREFIX, unknown_keys_error
+
+    prefix = f"{MTP_KEY_PREFIX}."
+    unknown = set()
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] not in MTP_FIELDS:
+            unknown.add(key[len(prefix):].split(".", 1)[0])
+    if unknown:
+        raise unknown_keys_error(unknown, MTP_FIELDS)
 
 
 def compose_run_config(overrides: list[str], config_name: str = WRAPPER_CONFIG_NAME):
@@ -63,6 +77,7 @@ def compose_run_config(overrides: list[str], config_name: str = WRAPPER_CONFIG_N
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    _check_mtp_override_keys(overrides)
     module = WRAPPER_CONFIG_MODULE if config_name == WRAPPER_CONFIG_NAME else VERL_CONFIG_MODULE
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=module, version_base=None):
@@ -84,6 +99,7 @@ def _coef_summary(mtp: ExtendedMtpConfig) -> dict[str, Any]:
 
 def build_plan(config) -> MtpPlan:
     """Validate ``config`` (raises MtpConfigError) and resolve what the run will do with MTP."""
+    from verl_mtp.config import resolve_run_depths, validate_mtp_run_config
     from verl_mtp.megatron.compat import expected_gradient_reach, megatron_core_version, mtp_api
     from verl_mtp.rollout.spec_args import plan_speculative_rollout
 
@@ -169,6 +185,8 @@ def render_plan(plan: MtpPlan) -> str:
         reach = ", ".join(GROUP_LABELS[g] for g in plan.gradient_reach)
     mcore = f"megatron-core {plan.megatron_core} ({plan.mtp_api} MTP API)" if plan.megatron_core else "no megatron-core"
     spec = json.dumps(plan.speculative_args) if plan.speculative_args else "off (mtp.enable_rollout=False)"
+    # verl's rollout.name defaults to ??? (mandatory): explain runs fine without it, main_ppo does not.
+    engine = plan.rollout_engine or "engine not set (actor_rollout_ref.rollout.name, e.g. vllm or sglang)"
     lines = [
         "MTP plan",
         f"  regime            {plan.regime} (enable_train={plan.enable_train}, detach_encoder={plan.detach_encoder})",
@@ -177,7 +195,7 @@ def render_plan(plan: MtpPlan) -> str:
         f"  coefficient       {plan.coef_mode}: {coef}",
         f"  depth weights     {plan.step_weights if plan.step_weights else '-'}",
         f"  MTP gradient to   {reach}   [{mcore}]",
-        f"  rollout           {plan.rollout_engine}; speculative decoding: {spec}",
+        f"  rollout           {engine}; speculative decoding: {spec}",
     ]
     if plan.speculative_built_for:
         lines.append(f"  engine args for   {plan.speculative_built_for}")

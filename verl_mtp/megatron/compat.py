@@ -9,10 +9,14 @@ re-measures both tables on a real model for the installed version.
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 LEGACY_API = "legacy"
 PROCESS_MTP_LOSS_API = "process_mtp_loss"
+_MTP_MODULE = "megatron.core.transformer.multi_token_prediction"
 
 # What stock verl 0.9.1's MTP postprocess does (mtp_loss_type=ce), per API generation: regime ->
 # parameter groups that receive gradient from the MTP term. Measured on megatron-core 0.16.1 and
@@ -52,8 +56,20 @@ def megatron_core_version() -> str | None:
 
 def mtp_api() -> str | None:
     """The installed megatron-core's MTP API generation, or None if megatron-core is absent."""
-    if importlib.util.find_spec("megatron") is None or megatron_core_version() is None:
+    spec = importlib.util.find_spec("megatron")
+    if spec is None or megatron_core_version() is None:
         return None
+    loaded = sys.modules.get(_MTP_MODULE)
+    if loaded is not None:
+        return PROCESS_MTP_LOSS_API if hasattr(loaded, "process_mtp_loss") else LEGACY_API
+    # Importing megatron.core.transformer takes seconds (``verl-mtp explain`` only needs this
+    # answer), so read the module's source for the top-level definition instead.
+    for root in spec.submodule_search_locations or ():
+        path = os.path.join(root, *_MTP_MODULE.split(".")[1:]) + ".py"
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                found = re.search(r"^def process_mtp_loss\(", f.read(), re.MULTILINE)
+            return PROCESS_MTP_LOSS_API if found else LEGACY_API
     from megatron.core.transformer import multi_token_prediction
 
     return PROCESS_MTP_LOSS_API if hasattr(multi_token_prediction, "process_mtp_loss") else LEGACY_API
