@@ -160,7 +160,7 @@ def run_check(args) -> dict[str, float]:
                 shift = round_index % len(order)
                 for run in order[shift:] + order[:shift]:
                     run.infer_times.append(run.infer())
-                    run.update_times.append(run.update())
+                    run.update_times.append(run.update()[0])
             out["forward (infer_batch) s"] = statistics.median(occ_run.infer_times)
             out["rl+OCC update (train_mini_batch) s"] = statistics.median(occ_run.update_times)
             for name, run in runs.items():
