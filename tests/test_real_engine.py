@@ -182,3 +182,29 @@ def test_two_pipeline_stages_on_gloo(checkpoint, no_mtp_step, tmp_path):
         assert coef == pytest.approx(values(single[index].metrics, "actor/mtp_1/coef"), rel=2e-2)
     lam = values(last[2]["metrics"], "actor/mtp_1/coef")
     assert lam[2] == lam[3]  # one lambda for the whole second mini-batch
+
+
+def test_on_policy_mini_batch_comes_from_the_schedule_not_from_delta_rl(checkpoint):
+    """The old log-probs of a real run come from another pass than the training forward (the
+    rollout engine in bypass mode, or infer_batch with other GEMM shapes on a GPU) and differ from
+    it by bf16 noise, ~1e-3 per token, on the step's first mini-batch although no update happened.
+    On this CPU infer_batch and the training forward agree bit for bit, so the noise is added to
+    the old log-probs here. The first mini-batch must still be on-policy (lambda from
+    occ_on_policy_coef=previous: 0, nothing measured yet), not the formula applied to noise."""
+    mtp = ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ")
+    engine = real_engine.RealEngine.build(checkpoint, mtp)
+    try:
+        prompts, responses, advantages = real_engine.tiny_rollout()
+        batch = real_engine.rollout_batch(prompts, responses)
+        old = engine.compute_log_prob(batch)["old_log_probs"]
+        noise = 1e-3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(0))
+        metrics = engine.update_actor(batch, old + noise, advantages[:, : batch["responses"].shape[1]])
+    finally:
+        engine.close()
+    for k in range(1, DEPTHS + 1):
+        assert values(metrics, f"actor/mtp_{k}/occ_on_policy") == [1.0, 1.0, 0.0, 0.0]
+        rms = values(metrics, f"actor/mtp_{k}/occ_delta_rl_rms")
+        assert all(3e-4 < r < 3e-3 for r in rms[:2]), rms  # the noise floor, not zero
+        coef = values(metrics, f"actor/mtp_{k}/coef")
+        assert coef[:2] == [0.0, 0.0], coef  # the rule, not lambda_plus * c / v2 of the noise
+        assert coef[2] != 0.0 and coef[3] != 0.0

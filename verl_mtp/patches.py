@@ -910,6 +910,16 @@ def _patch_mbridge_registry(module: Any, restore: list) -> None:
             _replace(entries, model_type, new, restore)
 
 
+def _patch_mbridge_model_type(module: Any, restore: list) -> None:
+    from verl_mtp.models.mbridge_compat import model_type_for_mbridge
+
+    if getattr(module, "ModelType", None) is None or not callable(getattr(module, "get_model", None)):
+        raise PatchError("mbridge.core.util.ModelType / get_model not found")
+    compat = model_type_for_mbridge()
+    if compat is not None:  # megatron-core 0.18+: the member mbridge compares with is gone
+        _replace(module, "ModelType", compat, restore)
+
+
 def _checked_per_tensor_param(original: Callable) -> Callable:
     @functools.wraps(original)
     def get_per_tensor_param(self, *args, **kwargs):
@@ -958,11 +968,13 @@ def _patch_manager_hf_save(module: Any, restore: list) -> None:
 
 MTP_COMPLETE_EXPORT = deferred_patch(
     "mtp_complete_export",
-    "mbridge gets verl-mtp's MTP-complete bridges (MiMo half swap, DeepSeek-V3 any depth, GLM-4.5 MTP block); "
+    "mbridge gets verl-mtp's MTP-complete bridges (MiMo half swap, DeepSeek-V3 any depth, GLM-4.5 MTP block) "
+    "and builds models on megatron-core 0.18 (ModelType.encoder_and_decoder is gone there); "
     "every HF export (rollout weight sync, model/huggingface) is checked to carry every MTP tensor, and "
     "config.json declares the model's MTP depths",
     {
         "mbridge": _patch_mbridge_registry,
+        "mbridge.core.util": _patch_mbridge_model_type,
         "verl.workers.engine.megatron.transformer_impl": _patch_engine_weight_export,
         "verl.utils.checkpoint.megatron_checkpoint_manager": _patch_manager_hf_save,
     },

@@ -29,8 +29,9 @@ while :func:`cpu_engine_runtime` is active and undone on exit:
   attention gets the equivalent 4-D causal mask (right padding + causal attention: valid positions
   never attend to padding).
 
-One version shim, not CUDA-related: :func:`mbridge_model_type_compat` (mbridge 0.15.1 reads
-``ModelType.encoder_and_decoder``, gone in megatron-core 0.18; see its docstring).
+mbridge 0.15.1 on megatron-core 0.18 (``ModelType.encoder_and_decoder`` is gone) is not this
+module's business: the product's ``mtp_complete_export`` patch fixes it for real runs
+(verl_mtp.models.mbridge_compat), so the tests take the path a user takes.
 
 CPU boundaries that stand in for GPU parts: the BSHD layout (``use_remove_padding=False``)
 instead of THD, because packed sequences (``PackedSeqParams``) need TransformerEngine or flash
@@ -201,38 +202,11 @@ def remove_causal_mask(gpt_model) -> None:
 
 
 @contextlib.contextmanager
-def mbridge_model_type_compat():
-    """Not a CUDA redirection, a version gap: mbridge 0.15.1's ``get_model`` compares the model
-    type with ``ModelType.encoder_and_decoder``, which megatron-core 0.18 removed, so verl's
-    vanilla-mbridge model build raises AttributeError there (on GPU too). While active,
-    mbridge's module sees a ModelType namespace whose ``encoder_and_decoder`` matches nothing
-    (GPT models are ``encoder_or_decoder``). No-op where the member exists."""
-    from megatron.core.enums import ModelType
-    from mbridge.core import util as mbridge_util
-
-    if hasattr(ModelType, "encoder_and_decoder"):
-        yield
-        return
-    original = mbridge_util.ModelType
-
-    class _ModelType:
-        encoder_or_decoder = ModelType.encoder_or_decoder
-        encoder_and_decoder = object()
-
-    mbridge_util.ModelType = _ModelType
-    try:
-        yield
-    finally:
-        mbridge_util.ModelType = original
-
-
-@contextlib.contextmanager
 def cpu_engine_runtime():
     """Every global CUDA redirection above, for the duration (see the module docstring); inside
-    :func:`engine_device` ("cuda") none of them, only the version shim."""
+    :func:`engine_device` ("cuda") none of them."""
     if _engine_device == "cuda":
-        with mbridge_model_type_compat():
-            yield
+        yield
         return
     with contextlib.ExitStack() as stack:
         stack.enter_context(cpu_megatron())
@@ -240,7 +214,6 @@ def cpu_engine_runtime():
         stack.enter_context(no_cuda_synchronize())
         stack.enter_context(cuda_tensors_on_cpu())
         stack.enter_context(cuda_memory_stats_empty())
-        stack.enter_context(mbridge_model_type_compat())
         yield
 
 
