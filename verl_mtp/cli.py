@@ -8,7 +8,6 @@ import sys
 # Distributions whose versions `--version` reports, read from their metadata (importing them
 # would cost seconds and, for verl, load the plugin).
 _VERSION_OF = ("verl", "megatron-core", "torch")
-_REGIMES_HELP = "comma-separated MTP regimes (default: all but none)"
 
 
 def _version_text() -> str:
@@ -32,25 +31,6 @@ class _VersionAction(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         print(_version_text())
-        parser.exit()
-
-
-class _DemoHelpAction(argparse.Action):
-    """``demo --help``: name the regimes, which needs verl_mtp.demo (and so torch) only now."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        from verl_mtp.demo import DEFAULT_REGIMES, REGIMES
-
-        for action in parser._actions:
-            if "--regimes" in action.option_strings:
-                action.help = (
-                    f"comma-separated, from {', '.join(REGIMES)} (none = a model without MTP head, for "
-                    f"reference; default {','.join(DEFAULT_REGIMES)})"
-                )
-        parser.print_help()
         parser.exit()
 
 
@@ -87,9 +67,9 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from verl_mtp.demo import DEFAULT_REGIMES, DemoOptions, run_demo
+    from verl_mtp.demo import DemoOptions, run_demo
 
-    regimes = DEFAULT_REGIMES if args.regimes is None else tuple(r for r in args.regimes.split(",") if r)
+    regimes = tuple(r for r in args.regimes.split(",") if r)
     try:
         options = DemoOptions(
             steps=args.steps, regimes=regimes, seed=args.seed,
@@ -248,8 +228,10 @@ def _add_accept_eval_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Only cheap modules here: `--help`, `--version` and `ckpt` must not pay for verl/torch/ray.
-    # Each subcommand imports what it needs when it runs.
+    # Only cheap modules here (explain and demo import verl/torch inside their functions):
+    # `--help`, `--version` and `ckpt` must not pay for verl/torch/ray. tests/test_cli_imports.py
+    # checks it.
+    from verl_mtp.demo import DEFAULT_REGIMES, REGIMES
     from verl_mtp.explain import WRAPPER_CONFIG_NAME
 
     parser = argparse.ArgumentParser(prog="verl-mtp", description="Multi-Token-Prediction for RL with verl.")
@@ -279,13 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="A tiny megatron-core GPT with an MTP head learns to continue digit patterns with "
         "GRPO (verl's advantages, verl's actor loss with verl-mtp's MTP term), once per MTP regime, "
         "from the same warmed-up weights and seeds. Writes metrics.jsonl, summary.json and demo.png.",
-        add_help=False,
     )
-    demo.add_argument("-h", "--help", action=_DemoHelpAction, help="show this help message and exit")
     demo.add_argument("--steps", type=int, default=50, help="RL steps per regime (default 50)")
-    # The regime names live in verl_mtp.demo, which imports torch: the default is filled in by
-    # _demo and the choices are added to this help only when `demo --help` asks for it.
-    demo.add_argument("--regimes", default=None, help=_REGIMES_HELP)
+    demo.add_argument(
+        "--regimes", default=",".join(DEFAULT_REGIMES),
+        help=f"comma-separated, from {', '.join(REGIMES)} (none = a model without MTP head, for reference; "
+        f"default {','.join(DEFAULT_REGIMES)})",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="verl_mtp_demo", help="output directory (default ./verl_mtp_demo)")
     demo.add_argument("--warmup-steps", type=int, default=20, help="supervised warm-up steps (default 20)")
