@@ -289,9 +289,10 @@ def main(argv=None):
                 batch = real_engine.rollout_batch(prompts, responses)
                 for run in runs.values():
                     run.set_data(batch, advantages)
+                    if index == 0:  # warm-up: one-time setup out of the timings, optimizer states made
+                        run.infer()
+                        run.update()
                     run.infer_times.append(run.infer())  # timed once: the rounds time the updates
-                    if index == 0:
-                        run.update()  # warm-up: the optimizer's states exist from the first step on
                     run.measure_peak()
                 order = list(runs.values())
                 for round_index in range(args.rounds):
