@@ -244,8 +244,8 @@ def test_defaults_keep_adaptive_off():
 @pytest.mark.parametrize(
     "key, value",
     [
-        ("adaptive_speculation", "yes"),
-        ("spec_step_metrics", 1),
+        ("adaptive_speculation", "maybe"),  # "yes" and 1 are booleans (OmegaConf's forms)
+        ("spec_step_metrics", 0.5),
         ("adaptive_spec_probe_steps", 0),
         ("adaptive_spec_probe_interval", 1),  # must exceed probe_steps (1)
         ("adaptive_spec_min_dwell_steps", 0),

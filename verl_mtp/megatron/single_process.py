@@ -76,9 +76,12 @@ def init_single_process_megatron() -> None:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
+        # A fresh port of its own, not MASTER_PORT: a process started by one that already holds
+        # a group (a test, a tool run from a training script) inherits a port that is in use.
+        port = _free_port()
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        os.environ.setdefault("MASTER_PORT", str(port))
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
 
