@@ -375,12 +375,6 @@ def actor_update_step(loss_function):
         policy_loss.end_update_step(config)
 
 
-def train_mini_batch_in_update_step(worker, run: Callable[[], Any]) -> Any:
-    """verl's mini-batch loop of one step for ``worker`` (a TrainingWorker), in ``actor_update_step``."""
-    with actor_update_step(getattr(worker, "loss_fn", None)):
-        return run()
-
-
 def train_batch_with_occ(engine, data, loss_function, run: Callable[[], Any]) -> Any:
     """One mini-batch's ``BaseEngine.train_batch`` with OCC's bookkeeping around ``run``: advance
     the update schedule and, with ``occ_scope=mini_batch``, fix lambda from a pre-pass first."""

@@ -472,9 +472,10 @@ MTP_POLICY_LOSS = deferred_patch(
 def _occ_train_mini_batch(original: Callable) -> Callable:
     @functools.wraps(original)
     def train_mini_batch(self, data):
-        from verl_mtp.loss import train_mini_batch_in_update_step
+        from verl_mtp.loss import actor_update_step
 
-        return train_mini_batch_in_update_step(self, lambda: original(self, data))
+        with actor_update_step(self.loss_fn):
+            return original(self, data)
 
     train_mini_batch.__verl_mtp_original__ = original
     return train_mini_batch

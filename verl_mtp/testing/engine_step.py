@@ -160,13 +160,12 @@ class CpuStandInEngine(BaseEngine):
 
 
 @contextlib.contextmanager
-def in_update_step(loss_function, mini_batch_index: int = 0, engine_trains: bool = True):
+def in_update_step(loss_function, mini_batch_index: int = 0):
     """Train inside one step of verl's mini-batch loop, as its ``mini_batch_index``-th mini-batch.
 
     0 is the step's on-policy first mini-batch; from 1 on, OCC takes its formula at face value.
     verl's ``TrainingWorker.train_mini_batch`` opens the step in a real run, and the engine's
-    ``train_batch`` (patched) advances it; with ``engine_trains=False`` (the loss called directly)
-    this context advances it in the engine's place.
+    ``train_batch`` (patched) advances it.
     """
     from verl_mtp.loss import actor_update_step, occ_target
 
@@ -174,6 +173,6 @@ def in_update_step(loss_function, mini_batch_index: int = 0, engine_trains: bool
         target = occ_target(loss_function)
         if target is not None:
             policy_loss, config, _ = target
-            for _ in range(mini_batch_index + (0 if engine_trains else 1)):
+            for _ in range(mini_batch_index):  # the mini-batches trained before this one
                 policy_loss.begin_mini_batch(config)
         yield
