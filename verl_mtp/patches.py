@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from verl_mtp.version import installed_versions  # noqa: F401 - re-exported for plugin
+
 
 # verl versions each patch was written and tested against. Others are refused (loudly) unless
 # VERL_MTP_ALLOW_UNTESTED_VERL=1, because the patched internals are not a public API.
@@ -34,19 +36,6 @@ class PatchError(RuntimeError):
 class PatchDeferred(Exception):
     """Not an error: the patch needs a verl_mtp module that is still being imported; that
     module applies the patch when it finishes (see the end of verl_mtp/config.py)."""
-
-
-def installed_versions() -> dict[str, str]:
-    """Versions of the packages the patches depend on, for error reports."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for dist in ("verl-mtp", "verl", "megatron-core", "mbridge", "torch", "transformers"):
-        try:
-            found[dist] = version(dist)
-        except PackageNotFoundError:
-            found[dist] = "not installed"
-    return found
 
 
 def check_verl_version() -> str:

@@ -289,7 +289,7 @@ def write_json_atomic(path: str, payload: dict) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from verl_mtp.patches import installed_versions
+    from verl_mtp.version import installed_versions
 
     return {k: v for k, v in installed_versions().items() if k in ("verl-mtp", "verl", "megatron-core", "torch")}
 
