@@ -38,6 +38,15 @@ def text_config(config: dict) -> dict:
     return nested if isinstance(nested, dict) else config
 
 
+def hf_config_dict(hf_config: Any) -> dict:
+    """A model's ``config.json`` as a dict, from a dict or a transformers config."""
+    if isinstance(hf_config, dict):
+        return hf_config
+    if hasattr(hf_config, "to_dict"):
+        return hf_config.to_dict()
+    raise TypeError(f"expected a config.json dict or a transformers config, got {type(hf_config).__name__}")
+
+
 def _natural(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
