@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Optional
 
+from verl_mtp.errors import MtpConfigError, invalid_value
 from verl_mtp.models.families import DEPTH_KEYS, mtp_depths
 # drafter_sync_check's choices: auto | raise | warn (+ speculation off for the next step) | off
 from verl_mtp.rollout.drafter_sync import DRAFTER_SYNC_CHECKS
@@ -38,12 +39,8 @@ OCC_SCOPES = ("micro_batch", "mini_batch")
 MTP_KEY_PREFIX = "actor_rollout_ref.model.mtp"
 
 
-class MtpConfigError(ValueError):
-    """A bad MTP setting. The message names the key, the bad value and the valid choices."""
-
-
 def _error(key: str, value: Any, expected: str) -> MtpConfigError:
-    return MtpConfigError(f"{MTP_KEY_PREFIX}.{key}={value!r} is invalid: {expected}")
+    return MtpConfigError(invalid_value(f"{MTP_KEY_PREFIX}.{key}", value, expected))
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -14,12 +14,23 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from typing import Any
 
 logger = logging.getLogger("verl_mtp")
 
 
 class VerlMtpError(Exception):
     """Base class of every error verl-mtp raises."""
+
+
+class MtpConfigError(VerlMtpError, ValueError):
+    """A bad setting, found before any work starts. The message names the key, the bad value and
+    the valid choices (``invalid_value`` writes it)."""
+
+
+def invalid_value(key: str, value: Any, expected: str) -> str:
+    """The one wording of a bad-input message: ``key=value is invalid: <valid choices / why>``."""
+    return f"{key}={value!r} is invalid: {expected}"
 
 
 class VerlMtpWarning(RuntimeWarning):
