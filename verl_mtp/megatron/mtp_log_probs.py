@@ -22,6 +22,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from verl_mtp.megatron.tempered_log_probs import tempered_log_probs
+
 
 def output_logits(output_layer, hidden, output_weight, detach_output_layer, runtime_gather_output):
     """The output layer on ``hidden`` [s, b, h] -> [s, b, V/tp], on detached weights if asked."""
@@ -201,8 +203,6 @@ def mtp_raw_log_probs(
     log-probs. ``with_agreement`` also returns [b, s, K]: argmax == sampled token.
     ``chunk_tokens`` bounds the vocabulary-sized logits alive per depth (``map_token_chunks``).
     """
-    from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
-
     tp_group = _tensor_parallel_group()
     sequence_parallel, tp_size = _output_layer_layout(output_layer)
     if temperature is not None and not (torch.is_tensor(temperature) and temperature.dim() == 2):
@@ -212,19 +212,12 @@ def mtp_raw_log_probs(
         logits = output_logits(output_layer, hidden, output_weight, detach_output_layer, runtime_gather_output)
         labels_sb = labels_bs.transpose(0, 1).contiguous()
         agree = None
-        if with_agreement:  # before scoring: megatron's vocab-parallel CE works on the logits in place
+        if with_agreement:
             agree = argmax_agrees(logits, labels_sb, tp_group).transpose(0, 1)
-        # Score in megatron's [s, b, V/tp] layout, in fp32 like the main head (whose bf16 logits
-        # Float16Module upcasts before verl divides by the temperature): the upcast copies one
-        # token chunk, and the division then runs in place on that copy.
-        logits = logits.float()
-        if temperature_bs is not None:
-            # a fresh [s, b, 1] copy, not the transposed view: through the in-place division's
-            # backward the view's strides would lay the output layer's gradient out as [b, s, V],
-            # which torch.matmul then runs as one GEMM per position (3-4x the CE step on CPU)
-            temperature_sb = temperature_bs.transpose(0, 1).unsqueeze(-1).float()
-            logits.div_(temperature_sb.clone(memory_format=torch.contiguous_format))
-        log_probs = vocab_parallel_log_probs_from_logits(logits, labels_sb).transpose(0, 1)
+        # In fp32 like the main head (whose bf16 logits Float16Module upcasts before verl divides
+        # by the temperature), fused into one autograd function (tempered_log_probs says why).
+        temperature_sb = None if temperature_bs is None else temperature_bs.transpose(0, 1)
+        log_probs = tempered_log_probs(logits, labels_sb, temperature_sb, tp_group).transpose(0, 1)
         return (log_probs, agree) if with_agreement else (log_probs,)
 
     log_probs, valid, agree = [], [], []
