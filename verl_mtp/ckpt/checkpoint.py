@@ -8,23 +8,16 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from verl_mtp.ckpt.files import SafetensorsFormatError, TensorEntry, read_safetensors_header
-from verl_mtp.models import (
-    Family,
-    MtpKey,
-    MtpNaming,
-    UnknownFamilyError,
-    depth_key_location,
-    detect_family,
-    mtp_depths,
-    text_config,
-)
+from verl_mtp.errors import VerlMtpError
+from verl_mtp.models import Family, MtpKey, MtpNaming, UnknownFamilyError, depth_key_location, detect_family
+from verl_mtp.models import mtp_depths, text_config
 from verl_mtp.models.head_spec import HeadCheck, check_head, head_spec
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-class CkptError(Exception):
+class CkptError(VerlMtpError):
     """Bad, unreadable or incompatible input. The message names the bad thing and what was expected;
     the CLI prints it and exits 2."""
 
@@ -108,60 +101,71 @@ def open_checkpoint(path: str, role: str = "checkpoint") -> HFCheckpoint:
         family = detect_family(config)
     except UnknownFamilyError as exc:
         raise CkptError(f"{label}: {exc}") from exc
-
-    index_path = os.path.join(path, INDEX_NAME)
-    index: Optional[dict] = None
-    has_single = os.path.isfile(os.path.join(path, SINGLE_NAME))
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path) as f:
-                index = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise CkptError(f"{label}: {INDEX_NAME} is unreadable: {exc}") from exc
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CkptError(f'{label}: {INDEX_NAME} has no "weight_map" object of tensor name -> shard file')
-        shards = sorted(set(weight_map.values()))
-        if has_single and shards != [SINGLE_NAME]:
-            raise CkptError(_stale_index_message(label, shards, path))
-        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
-        if missing:
-            raise CkptError(
-                f"{label}: shard file(s) named in {INDEX_NAME} are missing: {', '.join(missing)}"
-            )
-    elif has_single:
-        weight_map = None
-        shards = [SINGLE_NAME]
-    else:
-        raise CkptError(f"{label} has neither {INDEX_NAME} nor {SINGLE_NAME}; expected safetensors weights")
-
+    index, weight_map, shards = _read_index(path, label)
     shard_tensors: dict[str, dict[str, TensorEntry]] = {}
     shard_metadata: dict[str, Optional[dict]] = {}
     for shard in shards:
         header = _read_header(os.path.join(path, shard), label)
         shard_tensors[shard] = header.tensors
         shard_metadata[shard] = header.metadata
-
-    tensors: dict[str, TensorEntry] = {}
-    unindexed: dict[str, list[str]] = {}
-    if weight_map is None:
-        tensors = dict(shard_tensors[SINGLE_NAME])
-    else:
-        absent = [f"{n} (in {s})" for n, s in weight_map.items() if n not in shard_tensors[s]]
-        if absent:
-            shown = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
-            raise CkptError(f"{label}: {INDEX_NAME} names tensors their shard does not hold: {shown}")
-        tensors = {n: shard_tensors[s][n] for n, s in weight_map.items()}
-        for shard, held in shard_tensors.items():
-            extra = sorted(n for n in held if weight_map.get(n) != shard)
-            if extra:
-                unindexed[shard] = extra
-
+    tensors, unindexed = _tensor_table(weight_map, shard_tensors, label)
     depths = mtp_depths(config)
     try:
         naming = family.naming(config, depths, tensors.keys())
     except ValueError as exc:
         raise CkptError(f"{label}: {exc}") from exc
+    return HFCheckpoint(
+        path=path, role=role, config=config, family=family, depths=depths, naming=naming, index=index,
+        shards=shards, tensors=tensors, shard_tensors=shard_tensors, shard_metadata=shard_metadata,
+        unindexed=unindexed, mtp=_locate_mtp(tensors, naming, label),
+    )
+
+
+def _read_index(path: str, label: str) -> tuple[Optional[dict], Optional[dict[str, str]], list[str]]:
+    """(index, its weight_map, shard files) of a sharded checkpoint; (None, None, [model.safetensors])
+    of a single-file one."""
+    has_single = os.path.isfile(os.path.join(path, SINGLE_NAME))
+    if not os.path.isfile(os.path.join(path, INDEX_NAME)):
+        if has_single:
+            return None, None, [SINGLE_NAME]
+        raise CkptError(f"{label} has neither {INDEX_NAME} nor {SINGLE_NAME}; expected safetensors weights")
+    try:
+        with open(os.path.join(path, INDEX_NAME)) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CkptError(f"{label}: {INDEX_NAME} is unreadable: {exc}") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CkptError(f'{label}: {INDEX_NAME} has no "weight_map" object of tensor name -> shard file')
+    shards = sorted(set(weight_map.values()))
+    if has_single and shards != [SINGLE_NAME]:
+        raise CkptError(_stale_index_message(label, shards, path))
+    missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+    if missing:
+        raise CkptError(f"{label}: shard file(s) named in {INDEX_NAME} are missing: {', '.join(missing)}")
+    return index, weight_map, shards
+
+
+def _tensor_table(weight_map: Optional[dict[str, str]], shard_tensors: dict[str, dict[str, TensorEntry]],
+                  label: str) -> tuple[dict[str, TensorEntry], dict[str, list[str]]]:
+    """(the checkpoint's tensors, shard -> the tensors it holds that the index does not list)."""
+    if weight_map is None:
+        return dict(shard_tensors[SINGLE_NAME]), {}
+    absent = [f"{n} (in {s})" for n, s in weight_map.items() if n not in shard_tensors[s]]
+    if absent:
+        shown = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+        raise CkptError(f"{label}: {INDEX_NAME} names tensors their shard does not hold: {shown}")
+    tensors = {n: shard_tensors[s][n] for n, s in weight_map.items()}
+    unindexed = {}
+    for shard, held in shard_tensors.items():
+        extra = sorted(n for n in held if weight_map.get(n) != shard)
+        if extra:
+            unindexed[shard] = extra
+    return tensors, unindexed
+
+
+def _locate_mtp(tensors: dict[str, TensorEntry], naming: MtpNaming, label: str) -> dict[MtpKey, str]:
+    """MTP key -> tensor name; two names with one key are refused."""
     mtp: dict[MtpKey, str] = {}
     for name in tensors:
         key = naming.key(name)
@@ -169,15 +173,11 @@ def open_checkpoint(path: str, role: str = "checkpoint") -> HFCheckpoint:
             continue
         if key in mtp:
             raise CkptError(
-                f"{label}: tensors {mtp[key]} and {name} are the same {family.title} MTP tensor "
+                f"{label}: tensors {mtp[key]} and {name} are the same {naming.family.title} MTP tensor "
                 f"(depth {key[0]}, {key[1]}); expected one"
             )
         mtp[key] = name
-    return HFCheckpoint(
-        path=path, role=role, config=config, family=family, depths=depths, naming=naming, index=index,
-        shards=shards, tensors=tensors, shard_tensors=shard_tensors, shard_metadata=shard_metadata,
-        unindexed=unindexed, mtp=mtp,
-    )
+    return mtp
 
 
 def _stale_index_message(label: str, shards: list[str], path: str) -> str:

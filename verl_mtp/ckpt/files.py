@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
+from verl_mtp.errors import VerlMtpError
+
 # Bytes per element of each safetensors dtype.
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
@@ -41,7 +43,7 @@ OWNER_MARKER = ".verl-mtp-ckpt-owner"
 UNMARKED_STALE_SECONDS = 600
 
 
-class SafetensorsFormatError(ValueError):
+class SafetensorsFormatError(VerlMtpError, ValueError):
     """A file is not a well-formed safetensors file."""
 
 

@@ -294,7 +294,7 @@ def _require_complete(ckpt: HFCheckpoint, allow_incomplete: bool, command: str,
     if allow_incomplete:
         return check
     whose = f" for {against}" if against else ""
-    raise _refuse(
+    raise _problem_list_error(
         f"refusing to {command}: {ckpt.label} has no complete, well-shaped {ckpt.family.title} MTP head{whose} "
         f"({len(check.missing)} missing, {len(check.misshapen)} misshapen, {len(check.unexpected)} unexpected "
         f"tensor(s); `verl-mtp ckpt inspect` lists them). Pass {ALLOW_INCOMPLETE_FLAG} to carry the head as it is",
@@ -309,7 +309,8 @@ def _carried_note(check: Optional[HeadCheck], who: str) -> list[str]:
             + "; ".join(check.lines(limit=12))]
 
 
-def _refuse(what: str, problems: list[str], limit: int = 40) -> CkptError:
+def _problem_list_error(what: str, problems: list[str], limit: int = 40) -> CkptError:
+    """The one way the ckpt tools refuse over several problems: ``what``, then one problem a line."""
     shown = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
     return CkptError(what + ":\n  " + "\n  ".join(shown))
 
@@ -365,20 +366,42 @@ def _write_modified(
 ) -> None:
     """Write ``target`` into ``staging`` with the tensors in ``replace`` swapped (same names) and
     those in ``add`` appended as a new shard. Shards without a replaced tensor are copied as files."""
-    single = target.index is None
-    rename: dict[str, str] = {}
-    add_shard = None
+    rename, add_shard = _shard_names(target, bool(add), result)
+    written = _write_shards(target, staging, replace, rename, link, result)
     if add:
-        if single:
-            # transformers prefers model.safetensors over an index: go sharded so the head is loaded.
-            rename[SINGLE_NAME] = "model-00001-of-00002.safetensors"
-            add_shard = "model-00002-of-00002.safetensors"
-            result.notes.append(f"{SINGLE_NAME} became {rename[SINGLE_NAME]} (copied) so that {INDEX_NAME} is used")
-        else:
-            add_shard = _unique_name(GRAFT_SHARD_NAME, set(os.listdir(target.path)) | set(target.shards))
+        write_safetensors(os.path.join(staging, add_shard), sorted(add.items()), NEW_SHARD_METADATA)
+        result.shards_new.append(add_shard)
+        result.tensors_written += len(add)
+        maybe_fail(written + 1)
+    if target.index is not None or add:
+        write_json(os.path.join(staging, INDEX_NAME), _modified_index(target, replace, add, rename, add_shard))
+    if config is None:
+        copy_file(os.path.join(target.path, "config.json"), os.path.join(staging, "config.json"))
+    else:
+        write_json(os.path.join(staging, "config.json"), config)
+        result.config_changed = True
+    for name in _other_files(target.path, {"config.json", INDEX_NAME, *target.shards}, result):
+        copy_file(os.path.join(target.path, name), os.path.join(staging, name))
 
-    written = 0
-    for shard in target.shards:
+
+def _shard_names(target: HFCheckpoint, adding: bool, result: WriteResult) -> tuple[dict[str, str], Optional[str]]:
+    """(target shard -> its name in the output, the new shard's name) for a write that adds tensors
+    (``adding``) or not."""
+    if not adding:
+        return {}, None
+    if target.index is None:
+        # transformers prefers model.safetensors over an index: go sharded so the head is loaded.
+        rename = {SINGLE_NAME: "model-00001-of-00002.safetensors"}
+        result.notes.append(f"{SINGLE_NAME} became {rename[SINGLE_NAME]} (copied) so that {INDEX_NAME} is used")
+        return rename, "model-00002-of-00002.safetensors"
+    return {}, _unique_name(GRAFT_SHARD_NAME, set(os.listdir(target.path)) | set(target.shards))
+
+
+def _write_shards(target: HFCheckpoint, staging: str, replace: dict[str, TensorEntry], rename: dict[str, str],
+                  link: bool, result: WriteResult) -> int:
+    """Every shard of ``target``, rewritten where it holds a replaced tensor, else copied; returns
+    how many files were written."""
+    for written, shard in enumerate(target.shards, start=1):
         dst_name = rename.get(shard, shard)
         dst = os.path.join(staging, dst_name)
         held = target.shard_tensors[shard]
@@ -391,38 +414,26 @@ def _write_modified(
         else:
             how = copy_file(os.path.join(target.path, shard), dst, link=link)
             (result.shards_linked if how == "linked" else result.shards_copied).append(dst_name)
-        written += 1
         maybe_fail(written)
-    if add:
-        write_safetensors(os.path.join(staging, add_shard), sorted(add.items()), NEW_SHARD_METADATA)
-        result.shards_new.append(add_shard)
-        result.tensors_written += len(add)
-        written += 1
-        maybe_fail(written)
+    return len(target.shards)
 
-    if not single or add:
-        weight_map = {n: rename.get(target.shard_of(n), target.shard_of(n)) for n in target.tensors}
-        weight_map.update({n: add_shard for n in sorted(add)})
-        index = dict(target.index) if target.index else {}
-        metadata = dict(index.get("metadata") or {})
-        added = sum(e.nbytes for e in add.values())
-        delta = sum(replace[n].nbytes - target.tensors[n].nbytes for n in replace)
-        total = metadata.get("total_size")
-        if isinstance(total, int) and not isinstance(total, bool):
-            metadata["total_size"] = total + added + delta
-        else:
-            metadata["total_size"] = sum(e.nbytes for e in target.tensors.values()) + added + delta
-        index["metadata"] = metadata
-        index["weight_map"] = weight_map
-        write_json(os.path.join(staging, INDEX_NAME), index)
 
-    if config is None:
-        copy_file(os.path.join(target.path, "config.json"), os.path.join(staging, "config.json"))
-    else:
-        write_json(os.path.join(staging, "config.json"), config)
-        result.config_changed = True
-    for name in _other_files(target.path, {"config.json", INDEX_NAME, *target.shards}, result):
-        copy_file(os.path.join(target.path, name), os.path.join(staging, name))
+def _modified_index(target: HFCheckpoint, replace: dict[str, TensorEntry], add: dict[str, TensorEntry],
+                    rename: dict[str, str], add_shard: Optional[str]) -> dict:
+    """``target``'s index (its other keys kept) with the output's weight map and total size."""
+    weight_map = {n: rename.get(target.shard_of(n), target.shard_of(n)) for n in target.tensors}
+    weight_map.update({n: add_shard for n in sorted(add)})
+    index = dict(target.index) if target.index else {}
+    metadata = dict(index.get("metadata") or {})
+    added = sum(e.nbytes for e in add.values())
+    delta = sum(replace[n].nbytes - target.tensors[n].nbytes for n in replace)
+    total = metadata.get("total_size")
+    if not isinstance(total, int) or isinstance(total, bool):
+        total = sum(e.nbytes for e in target.tensors.values())
+    metadata["total_size"] = total + added + delta
+    index["metadata"] = metadata
+    index["weight_map"] = weight_map
+    return index
 
 
 def stitch_mtp(verifier: str, donor: str, out: str, *, overwrite: bool = False, link: bool = False,
@@ -450,7 +461,7 @@ def stitch_mtp(verifier: str, donor: str, out: str, *, overwrite: bool = False, 
         )
     problems = _compare_mtp(v, d)
     if problems:
-        raise _refuse("refusing to stitch: the MTP tensors of VERIFIER and DONOR differ", problems)
+        raise _problem_list_error("refusing to stitch: the MTP tensors of VERIFIER and DONOR differ", problems)
     replace = {v.mtp[key]: d.tensors[d.mtp[key]] for key in v.mtp}
     result = WriteResult("stitch", out, {"VERIFIER": v.path, "DONOR": d.path}, v.family.name, v.depths,
                          tensors_replaced=sorted(replace, key=_natural))
@@ -519,7 +530,7 @@ def graft_mtp(base: str, rl: str, out: str, *, overwrite: bool = False, link: bo
             problems.append(f"BASE's {b.mtp[key]} would be written as {name}, which RL already holds as a trunk tensor")
         add[name] = b.tensors[b.mtp[key]]
     if problems:
-        raise _refuse("refusing to graft: BASE's MTP head does not fit RL", problems)
+        raise _problem_list_error("refusing to graft: BASE's MTP head does not fit RL", problems)
     replace = {r.mtp[key]: b.tensors[b.mtp[key]] for key in r.mtp}
     config = None if r.depths == b.depths else out_config
     result = WriteResult("graft", out, {"BASE": b.path, "RL": r.path}, r.family.name, b.depths,
