@@ -1,7 +1,7 @@
 """Per-family MTP weight naming (MiMo, DeepSeek-V3, GLM-4.5, Qwen3-Next, Qwen3.5).
 
-Importing this package is cheap: it touches neither verl nor torch (``mtp_depths`` imports
-``verl_mtp.config`` when called).
+Importing this package is cheap: it touches neither verl nor torch. The modules below it that
+convert weights (``bridges``, ``export_check``, ``head_spec``) are imported where they are used.
 """
 
 from verl_mtp.models.families import (

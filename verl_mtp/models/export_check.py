@@ -32,27 +32,23 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from verl_mtp.models.families import MtpNaming, UnknownFamilyError, detect_family
+from verl_mtp.errors import VerlMtpError
+from verl_mtp.megatron.wrappers import unwrap_model
+from verl_mtp.models.families import MtpNaming, UnknownFamilyError, detect_family, hf_config_dict, with_depths
 from verl_mtp.models.head_spec import check_head, head_spec
 
 
 logger = logging.getLogger(__name__)
 
 
-class IncompleteMtpExportError(RuntimeError):
+class IncompleteMtpExportError(VerlMtpError, RuntimeError):
     """An HF export lacks MTP tensors the model has, or carries ones it does not have."""
-
-
-def _unwrap(model: Any) -> Any:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def model_mtp_depths(models: Iterable[Any]) -> int:
     """MTP depth count of a megatron model (list of chunks, wrapped or not); 0 without MTP."""
     for chunk in models:
-        config = getattr(_unwrap(chunk), "config", None)
+        config = getattr(unwrap_model(chunk), "config", None)
         depths = getattr(config, "mtp_num_layers", None)
         if depths:
             return int(depths)
@@ -63,16 +59,10 @@ def model_mtp_param_names(models: Iterable[Any]) -> list[str]:
     """The megatron ``mtp.*`` parameter (and buffer) names this rank holds."""
     names = []
     for chunk in models:
-        for name in _unwrap(chunk).state_dict().keys():
+        for name in unwrap_model(chunk).state_dict().keys():
             if name.startswith("mtp.") and "_extra_state" not in name:
                 names.append(name)
     return names
-
-
-def _config_dict(hf_config: Any) -> dict:
-    if isinstance(hf_config, dict):
-        return hf_config
-    return hf_config.to_dict()
 
 
 def check_mtp_export(
@@ -151,7 +141,7 @@ class MtpExportChecker:
     def __init__(self, models: list, bridge: Any, hf_config: Any, where: str = "export"):
         self.where = where
         self.depths = model_mtp_depths(models)
-        config = _config_dict(hf_config)
+        config = hf_config_dict(hf_config)
         try:
             self.family = detect_family(config)
         except UnknownFamilyError:
@@ -170,7 +160,7 @@ class MtpExportChecker:
         if self.active and callable(namer):
             if mtp_params:
                 all_names = [
-                    n for chunk in models for n in _unwrap(chunk).state_dict().keys() if "_extra_state" not in n
+                    n for chunk in models for n in unwrap_model(chunk).state_dict().keys() if "_extra_state" not in n
                 ]
                 self.expected = sorted(set(namer(all_names)))
             elif self.depths == 0:
@@ -351,8 +341,6 @@ def write_config_depths(hf_dir: str, depths: int) -> bool:
 
     verl writes the config object it holds, whose depth count can differ from the model's
     (``mtp.mtp_num_layers`` override; zeroed when MTP is off). Returns True if it changed."""
-    from verl_mtp.models.families import with_depths
-
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         return False

@@ -1,4 +1,4 @@
-"""Per-family MTP weight naming on the Hugging Face side (DESIGN.md section 6).
+"""Per-family MTP weight naming on the Hugging Face side.
 
 Every name an MTP tool needs to know about a model family lives here: how to recognise the family
 from ``config.json``, which config key declares the number of MTP depths, which tensor names form
@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
+from verl_mtp.errors import VerlMtpError
+
 # (depth, rest); depth None = shared by every depth.
 MtpKey = tuple[Optional[int], str]
 
@@ -28,7 +30,7 @@ MtpKey = tuple[Optional[int], str]
 DRAFTER_SHARED_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
 
 
-class UnknownFamilyError(ValueError):
+class UnknownFamilyError(VerlMtpError, ValueError):
     """config.json names a model family this package has no MTP naming for."""
 
 
@@ -164,24 +166,6 @@ class _MtpModuleNaming(MtpNaming):
         return f"{self.prefix}mtp.layers.{depth}.{rest}"
 
 
-def _mimo_naming(config: dict, depths: int, names: Iterable[str], family: "Family") -> MtpNaming:
-    return _NumberedModuleNaming(family, depths, "model.mtp_layers")
-
-
-def _layer_offset_naming(config: dict, depths: int, names: Iterable[str], family: "Family") -> MtpNaming:
-    trunk_layers = text_config(config).get("num_hidden_layers")
-    if isinstance(trunk_layers, bool) or not isinstance(trunk_layers, int) or trunk_layers < 0:
-        raise ValueError(
-            f"config.json num_hidden_layers={trunk_layers!r}: {family.title} stores MTP depth i as "
-            f"model.layers.{{num_hidden_layers + i}}, so a non-negative integer is needed"
-        )
-    return _NumberedModuleNaming(family, depths, "model.layers", offset=trunk_layers)
-
-
-def _mtp_module_naming(config: dict, depths: int, names: Iterable[str], family: "Family") -> MtpNaming:
-    return _MtpModuleNaming(family, depths, names)
-
-
 @dataclass(frozen=True)
 class Family:
     """One model family's MTP layout on the Hugging Face side.
@@ -223,70 +207,93 @@ class Family:
         return self.build_naming(config, depths, names, self)
 
 
-FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="mimo",
-        title="MiMo",
-        model_types=("mimo",),
-        architectures=("MiMoForCausalLM",),
-        depth_key="num_nextn_predict_layers",
-        layout="model.mtp_layers.{i}.*",
-        core=("input_proj.weight", "token_layernorm.weight", "hidden_layernorm.weight", "final_layernorm.weight"),
-        projection="input_proj.weight",
-        build_naming=_mimo_naming,
-    ),
-    Family(
-        name="deepseek_v3",
-        title="DeepSeek-V3",
-        model_types=("deepseek_v3",),
-        architectures=("DeepseekV3ForCausalLM",),
-        depth_key="num_nextn_predict_layers",
-        layout="model.layers.{num_hidden_layers + i}.*",
-        core=("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"),
-        projection="eh_proj.weight",
-        build_naming=_layer_offset_naming,
-    ),
-    Family(
-        name="glm4_moe",
-        title="GLM-4.5",
-        model_types=("glm4_moe",),
-        architectures=("Glm4MoeForCausalLM",),
-        depth_key="num_nextn_predict_layers",
-        layout="model.layers.{num_hidden_layers + i}.*",
-        core=("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"),
-        projection="eh_proj.weight",
-        build_naming=_layer_offset_naming,
-    ),
-    Family(
-        name="qwen3_next",
-        title="Qwen3-Next",
-        model_types=("qwen3_next",),
-        architectures=("Qwen3NextForCausalLM",),
-        depth_key="mtp_num_hidden_layers",
-        layout="mtp.{fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm}, mtp.layers.{i}.*",
-        core=(),
-        shared_core=("fc.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "norm.weight"),
-        projection="fc.weight",
-        projection_shared=True,
-        build_naming=_mtp_module_naming,
-    ),
-    Family(
-        name="qwen3_5",
-        title="Qwen3.5",
-        model_types=("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text"),
-        architectures=(
-            "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
-            "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM",
-        ),
-        depth_key="mtp_num_hidden_layers",
-        layout="[prefix.]mtp.{fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm}, [prefix.]mtp.layers.{i}.*",
-        core=(),
-        shared_core=("fc.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "norm.weight"),
-        projection="fc.weight",
-        projection_shared=True,
-        build_naming=_mtp_module_naming,
-    ),
+_REGISTRY: dict[str, Family] = {}
+NamingBuilder = Callable[[dict, int, Iterable[str], Family], MtpNaming]
+
+
+def register_family(**fields: Any) -> Callable[[NamingBuilder], NamingBuilder]:
+    """Decorator: the naming builder below serves the family these ``Family`` fields describe
+    (detection tries families in the order they are registered)."""
+
+    def register(build: NamingBuilder) -> NamingBuilder:
+        family = Family(build_naming=build, **fields)
+        if family.name in _REGISTRY:
+            raise ValueError(f"model family {family.name!r} registered twice")
+        _REGISTRY[family.name] = family
+        return build
+
+    return register
+
+
+@register_family(
+    name="mimo",
+    title="MiMo",
+    model_types=("mimo",),
+    architectures=("MiMoForCausalLM",),
+    depth_key="num_nextn_predict_layers",
+    layout="model.mtp_layers.{i}.*",
+    core=("input_proj.weight", "token_layernorm.weight", "hidden_layernorm.weight", "final_layernorm.weight"),
+    projection="input_proj.weight",
 )
+def _mimo_naming(config: dict, depths: int, names: Iterable[str], family: Family) -> MtpNaming:
+    return _NumberedModuleNaming(family, depths, "model.mtp_layers")
+
+
+# DeepSeek-V3 and GLM-4.5 store MTP depth i as trunk layer num_hidden_layers + i.
+_LAYER_OFFSET_HEAD = dict(
+    depth_key="num_nextn_predict_layers",
+    layout="model.layers.{num_hidden_layers + i}.*",
+    core=("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"),
+    projection="eh_proj.weight",
+)
+
+
+@register_family(name="deepseek_v3", title="DeepSeek-V3", model_types=("deepseek_v3",),
+                 architectures=("DeepseekV3ForCausalLM",), **_LAYER_OFFSET_HEAD)
+def _layer_offset_naming(config: dict, depths: int, names: Iterable[str], family: Family) -> MtpNaming:
+    trunk_layers = text_config(config).get("num_hidden_layers")
+    if isinstance(trunk_layers, bool) or not isinstance(trunk_layers, int) or trunk_layers < 0:
+        raise ValueError(
+            f"config.json num_hidden_layers={trunk_layers!r}: {family.title} stores MTP depth i as "
+            f"model.layers.{{num_hidden_layers + i}}, so a non-negative integer is needed"
+        )
+    return _NumberedModuleNaming(family, depths, "model.layers", offset=trunk_layers)
+
+
+register_family(name="glm4_moe", title="GLM-4.5", model_types=("glm4_moe",),
+                architectures=("Glm4MoeForCausalLM",), **_LAYER_OFFSET_HEAD)(_layer_offset_naming)
+
+# Qwen3-Next and Qwen3.5: one mtp.fc and its norms shared by every depth, depth i under mtp.layers.{i}.
+_QWEN_MTP_HEAD = dict(
+    depth_key="mtp_num_hidden_layers",
+    core=(),
+    shared_core=("fc.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "norm.weight"),
+    projection="fc.weight",
+    projection_shared=True,
+)
+
+
+@register_family(name="qwen3_next", title="Qwen3-Next", model_types=("qwen3_next",),
+                 architectures=("Qwen3NextForCausalLM",),
+                 layout="mtp.{fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm}, mtp.layers.{i}.*",
+                 **_QWEN_MTP_HEAD)
+def _mtp_module_naming(config: dict, depths: int, names: Iterable[str], family: Family) -> MtpNaming:
+    return _MtpModuleNaming(family, depths, names)
+
+
+register_family(
+    name="qwen3_5",
+    title="Qwen3.5",
+    model_types=("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text"),
+    architectures=(
+        "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
+        "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM",
+    ),
+    layout="[prefix.]mtp.{fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm}, [prefix.]mtp.layers.{i}.*",
+    **_QWEN_MTP_HEAD,
+)(_mtp_module_naming)
+
+FAMILIES: tuple[Family, ...] = tuple(_REGISTRY.values())
 
 # Config keys that declare the depth count, in the order verl_mtp.config looks at them.
 DEPTH_KEYS = tuple(dict.fromkeys(f.depth_key for f in FAMILIES))
@@ -311,9 +318,8 @@ def detect_family(config: dict) -> Family:
 
 
 def family_by_name(name: str) -> Family:
-    for family in FAMILIES:
-        if family.name == name:
-            return family
+    if name in _REGISTRY:
+        return _REGISTRY[name]
     raise UnknownFamilyError(f"unknown family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
 
 
