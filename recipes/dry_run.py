@@ -133,7 +133,7 @@ def verl_checks(overrides: list[str]) -> list[str]:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
-    from verl_mtp.explain import compose_run_config
+    from verl_mtp.tools.explain import compose_run_config
 
     config = compose_run_config(overrides)
     # verl prints its progress to stdout; keep stdout for the plan (it may be JSON).

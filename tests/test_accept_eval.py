@@ -34,20 +34,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from verl_mtp.rollout.accept_eval import (
-    AcceptEvalError,
+from verl_mtp.tools.accept_eval.acceptance import (
     ChainAccumulator,
-    Sample,
     argmax_draft_acceptance,
     chain_expected_accepted,
-    evaluate,
     greedy_acceptance,
-    layer_for_position,
-    read_samples,
     sampled_acceptance,
-    score_sequence,
-    teacher_forced_hidden,
 )
+from verl_mtp.tools.accept_eval.options import AcceptEvalError
+from verl_mtp.tools.accept_eval.run import evaluate
+from verl_mtp.tools.accept_eval.samples import Sample, read_samples
+from verl_mtp.tools.accept_eval.scoring import layer_for_position, score_sequence, teacher_forced_hidden
 
 pytestmark = pytest.mark.megatron
 
@@ -163,7 +160,8 @@ def test_layer_for_position_reuses_layers_cyclically():
 
 def _block_hidden(model, input_ids):
     """megatron's own MTP block output ([trunk, depth 1, ...] chunks) from a stock forward."""
-    from verl_mtp.testing.tiny_megatron import causal_mask, forward
+    from verl_mtp.local_megatron.single_process import causal_mask
+    from verl_mtp.local_megatron.tiny_gpt import forward
 
     captured = {}
     hook = model.mtp.register_forward_hook(lambda m, a, out: captured.setdefault("h", out))
@@ -177,7 +175,7 @@ def _block_hidden(model, input_ids):
 
 
 def test_chain_equals_megatrons_block_and_reuse_equals_a_copied_layer():
-    from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt
+    from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec, build_tiny_gpt
 
     spec = TinyGPTSpec(mtp_num_layers=2, seed=3)
     model = build_tiny_gpt(spec).eval()
@@ -218,7 +216,7 @@ def _reference_scores(model, prompt, response, k_max, temperature):
 
 
 def test_score_sequence_indexing_against_explicit_loops():
-    from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt
+    from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec, build_tiny_gpt
 
     model = build_tiny_gpt(TinyGPTSpec(mtp_num_layers=1, seed=5)).eval()
     g = torch.Generator().manual_seed(2)
@@ -407,7 +405,7 @@ def test_uninformative_head_is_near_chance(checkpoints, head):
 
 
 def test_reads_ids_and_verl_rollout_dump_text(tmp_path, checkpoints):
-    from verl_mtp.rollout.accept_eval import tokenizer_loader
+    from verl_mtp.tools.accept_eval.samples import tokenizer_loader
 
     data = write_jsonl(tmp_path / "mixed.jsonl", [
         {"prompt_ids": [1, 2], "response_ids": [3, 4, 5], "output": "ignored when ids are given"},
@@ -515,7 +513,7 @@ def test_cli_bad_inputs_exit_2(tmp_path, checkpoints, capsys):
 # --- every family accept-eval claims -------------------------------------------------------------
 #
 # DeepSeek-V3 and GLM-4.5 run on CPU like MiMo (their MoE routers need megatron-core 0.16's missing
-# ``te_general_gemm`` bound, see verl_mtp.megatron.single_process.moe_router_gemm_without_te), and
+# ``te_general_gemm`` bound, see verl_mtp.local_megatron.single_process.moe_router_gemm_without_te), and
 # so do Qwen3.5 / Qwen3-Next MTP names on a Qwen3 attention trunk (``qwen_mtp``; their real
 # gated-delta-net trunks are refused, see the last test). The matched head is built as the MiMo
 # one in the module doc, on a one-layer trunk (MoE for the MoE families): the trunk layer's
@@ -602,7 +600,7 @@ def test_family_end_to_end_matched_head_accepted_random_head_not(tmp_path, moe_c
 def test_cpu_megatron_binds_the_router_name_only_while_active():
     from megatron.core.transformer.moe import moe_utils
 
-    from verl_mtp.megatron.single_process import cpu_megatron
+    from verl_mtp.local_megatron.single_process import cpu_megatron
 
     had = "te_general_gemm" in vars(moe_utils)  # megatron-core 0.18: bound (None without TE)
     before = vars(moe_utils).get("te_general_gemm")

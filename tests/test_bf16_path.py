@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from verl_mtp.config import ExtendedMtpConfig
-from verl_mtp.testing import engine_step
-from verl_mtp.testing.tiny_megatron import TinyGPTSpec, cpu_megatron
+from verl_mtp.local_megatron import engine_step
+from verl_mtp.local_megatron.single_process import cpu_megatron
+from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec
 
 pytestmark = pytest.mark.megatron
 
@@ -80,7 +81,7 @@ def test_mtp_log_probs_are_tempered_in_fp32():
     from verl.utils.megatron.tensor_parallel import vocab_parallel_log_probs_from_logits
 
     from verl_mtp.megatron.mtp_log_probs import mtp_raw_log_probs
-    from verl_mtp.megatron.single_process import init_single_process_megatron
+    from verl_mtp.local_megatron.single_process import init_single_process_megatron
 
     init_single_process_megatron()
     torch.manual_seed(0)

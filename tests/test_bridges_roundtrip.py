@@ -26,7 +26,7 @@ from verl_mtp.models.export_check import (  # noqa: E402
     checked_export,
 )
 from verl_mtp.testing.tiny_hf import write_tiny_checkpoint  # noqa: E402
-from verl_mtp.testing.tiny_megatron import cpu_megatron  # noqa: E402
+from verl_mtp.local_megatron.single_process import cpu_megatron  # noqa: E402
 
 CASES = {"mimo": 1, "deepseek_v3": 2, "glm4_moe": 2, "qwen_mtp": 1}
 
@@ -265,7 +265,7 @@ def test_deepseek_v3_at_full_trunk_depth_writes_each_copy_once():
     from transformers import AutoConfig
 
     from verl_mtp.testing.tiny_hf import tiny_config
-    from verl_mtp.testing.tiny_megatron import init_single_process_megatron
+    from verl_mtp.local_megatron.single_process import init_single_process_megatron
 
     init_single_process_megatron()
     config = tiny_config("deepseek_v3", 1, num_hidden_layers=61)
@@ -320,7 +320,7 @@ def test_the_stock_mbridge_defects_this_module_corrects():
 
     from verl_mtp.models.bridges import _hf_config_object
     from verl_mtp.testing.tiny_hf import tiny_config, write_checkpoint
-    from verl_mtp.testing.tiny_megatron import init_single_process_megatron
+    from verl_mtp.local_megatron.single_process import init_single_process_megatron
 
     init_single_process_megatron()
     w = torch.arange(8.0).reshape(2, 4)

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from verl_mtp.config import ExtendedMtpConfig
-from verl_mtp.megatron.grad_reach import param_group
-from verl_mtp.testing import engine_step, real_engine
-from verl_mtp.testing.tiny_megatron import TinyGPTSpec
+from verl_mtp.local_megatron import engine_step
+from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec
+from verl_mtp.testing import real_engine
+from verl_mtp.testing.grad_reach import param_group
 
 pytestmark = pytest.mark.megatron
 
@@ -111,7 +112,7 @@ def test_beta_one_reproduces_verls_loss_and_gradients_where_verl_is_right(regime
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from verl_mtp.megatron.single_process import init_single_process_megatron
+    from verl_mtp.local_megatron.single_process import init_single_process_megatron
 
     init_single_process_megatron()
     return real_engine.write_tiny_engine_checkpoint(str(tmp_path_factory.mktemp("ce_ckpt")), mtp_depths=DEPTHS)

@@ -8,9 +8,10 @@ random (the chunking acts after the MTP block), so lengths can be long without a
 import pytest
 import torch
 
+from verl_mtp.local_megatron.single_process import cpu_megatron
+from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec, build_tiny_gpt
 from verl_mtp.megatron.mtp_log_probs import add_mtp_ce_losses, map_token_chunks, mtp_raw_log_probs, token_chunks
 from verl_mtp.testing.memory import peak_tensor_bytes
-from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron
 
 pytestmark = pytest.mark.megatron
 

@@ -97,11 +97,11 @@ def test_ckpt_error_path_is_light(tmp_path):
 
 
 def test_demo_help_names_the_regimes_and_is_light():
-    from verl_mtp.demo import DEFAULT_REGIMES, REGIMES
+    from verl_mtp.tools.demo import DEFAULT_REGIMES, REGIMES
 
     code, out, _, modules = run("demo", "--help")
     assert code == 0
-    assert_light(modules)  # the regime names come from verl_mtp.demo, which imports torch only to run
+    assert_light(modules)  # the regime names come from verl_mtp.tools.demo, which imports torch only to run
     flat = " ".join(out.split())
     assert f"from {', '.join(REGIMES)}" in flat and f"default {','.join(DEFAULT_REGIMES)}" in flat
 

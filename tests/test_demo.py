@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from verl_mtp.demo import DemoOptions, run_demo
+from verl_mtp.tools.demo import DemoOptions, run_demo
 
 pytestmark = pytest.mark.megatron
 REGIMES = ("none", "disabled", "standalone", "joint", "rl", "rl_occ")
@@ -65,7 +65,7 @@ def test_figure_is_a_png(demo):
 def test_steps_are_counted_from_1_in_metrics_progress_and_figure(demo):
     import matplotlib.pyplot as plt
 
-    from verl_mtp.demo import REGIME_LABELS, build_figure
+    from verl_mtp.tools.demo import REGIME_LABELS, build_figure
 
     in_metrics = {g: [r["step"] for r in _records(demo) if r["regime"] == g] for g in REGIMES}
     in_progress = {g: [] for g in REGIMES}
@@ -87,7 +87,7 @@ def test_steps_are_counted_from_1_in_metrics_progress_and_figure(demo):
 def test_figure_labels_every_axis_and_tells_coinciding_regimes_apart(demo):
     import matplotlib.pyplot as plt
 
-    from verl_mtp.demo import LINE_STYLES, build_figure
+    from verl_mtp.tools.demo import LINE_STYLES, build_figure
 
     fig = build_figure(demo["results"])
     try:
@@ -110,7 +110,7 @@ def test_figure_labels_every_axis_and_tells_coinciding_regimes_apart(demo):
 def test_sampler_log_probs_equal_verls_engine_forward(demo):
     """The demo trains on the sampler's log-probs as old log-probs: they must be what verl's actor
     forward (the engine's, with its temperature scaling) computes for the same tokens."""
-    from verl_mtp.demo import (
+    from verl_mtp.tools.demo import (
         RESPONSE_LEN, build_model, engine_log_probs, generate, load_parameters, regime_config, sample_prompts,
     )
 
@@ -152,7 +152,7 @@ def test_the_head_trains_except_when_disabled(demo):
 
 
 def test_summary_table_lists_every_regime(demo):
-    from verl_mtp.demo import REGIME_LABELS, format_summary
+    from verl_mtp.tools.demo import REGIME_LABELS, format_summary
 
     table = format_summary(demo["rows"])
     assert all(REGIME_LABELS[r] in table for r in REGIMES)

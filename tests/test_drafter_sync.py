@@ -453,7 +453,7 @@ def tiny_mimo_model(tmp_path_factory):
 
 def _export_stream(loaded, dtype):
     """The (name, tensor) stream verl's vanilla-mbridge engine sends (get_per_tensor_param)."""
-    from verl_mtp.testing.tiny_megatron import cpu_megatron
+    from verl_mtp.local_megatron.single_process import cpu_megatron
 
     with cpu_megatron():
         for name, tensor in loaded.bridge.export_weights([loaded.model]):

@@ -9,9 +9,10 @@ stock verl would do on the installed megatron-core.
 import pytest
 import torch
 
+from verl_mtp.local_megatron.single_process import cpu_megatron
+from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec, build_tiny_gpt, random_batch
 from verl_mtp.megatron.compat import STOCK_VERL_GRADIENT_REACH, expected_gradient_reach, megatron_core_version, mtp_api
-from verl_mtp.megatron.grad_reach import PARAM_GROUPS, measure_mtp_gradient_reach, param_group
-from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron, random_batch
+from verl_mtp.testing.grad_reach import PARAM_GROUPS, measure_mtp_gradient_reach, param_group
 
 pytestmark = pytest.mark.megatron
 
@@ -65,7 +66,7 @@ def test_tiny_model_trains_on_cpu():
     labels = torch.roll(batch["input_ids"], -1, dims=-1)
     loss_mask = torch.ones_like(labels, dtype=torch.float32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    from verl_mtp.testing.tiny_megatron import forward
+    from verl_mtp.local_megatron.tiny_gpt import forward
 
     mtp_losses = []
     for _ in range(8):

@@ -5,7 +5,7 @@ load_checkpoint, wrapped by the patch) writing and reading megatron-core ``dist_
 directories (torch_dist, gloo, world size 1) of a tiny megatron-core GPTModel with MTP depths;
 verl's ``MegatronEngine.load_checkpoint`` (called on a stand-in object: the engine itself needs
 CUDA); training steps through verl's ``BaseEngine.train_batch`` and the installed actor loss
-(``CpuStandInEngine``, see verl_mtp/testing/engine_step.py).
+(``CpuStandInEngine``, see verl_mtp/local_megatron/engine_step.py).
 
 CPU boundary (what these tests do NOT exercise):
 - the optimizer content: megatron-core's optimizer hard-codes CUDA (``FP32Optimizer.__init__``
@@ -34,7 +34,7 @@ import torch
 from verl_mtp.ckpt import mtp_manifest
 from verl_mtp.ckpt.mtp_manifest import MANIFEST_NAME, MtpCheckpointError
 from verl_mtp.config import ExtendedMtpConfig, MtpConfigError
-from verl_mtp.testing import engine_step
+from verl_mtp.local_megatron import engine_step
 from verl_mtp.testing.ckpt_ranks import (
     cpu_checkpointing,
     dropping,
@@ -44,7 +44,8 @@ from verl_mtp.testing.ckpt_ranks import (
     save,
     save_without_checks,
 )
-from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt
+from verl_mtp.testing.engine_step import in_update_step
+from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec, build_tiny_gpt
 
 pytestmark = pytest.mark.megatron
 
@@ -86,7 +87,7 @@ def train_step(model, config, policy_loss, seed):
     """One step of verl's train_batch; ``config`` is the run's one actor config (verl binds it once)."""
     engine = engine_step.CpuStandInEngine(model, micro_batch_size=2)
     loss_function = functools.partial(policy_loss, config=config)
-    with engine_step.in_update_step(loss_function, mini_batch_index=1):  # off-policy: OCC measures
+    with in_update_step(loss_function, mini_batch_index=1):  # off-policy: OCC measures
         engine.train_batch(mini_batch(seed), loss_function)
     return [m[f"actor/mtp_{k}/coef"] for m in engine.micro_batch_metrics for k in range(1, DEPTHS + 1)]
 

@@ -10,8 +10,9 @@ for each. The layout is checked here, on a real tiny megatron-core model's outpu
 import pytest
 import torch
 
+from verl_mtp.local_megatron.single_process import cpu_megatron
+from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec, build_tiny_gpt, forward, random_batch
 import verl_mtp.megatron.mtp_log_probs as mtp_log_probs
-from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron, forward, random_batch
 
 pytestmark = pytest.mark.megatron
 

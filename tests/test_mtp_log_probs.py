@@ -7,8 +7,9 @@ The reference takes the MTP block's hidden states (captured with a forward hook)
 import pytest
 import torch
 
+from verl_mtp.local_megatron.single_process import cpu_megatron
+from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec, build_tiny_gpt, forward, random_batch
 from verl_mtp.megatron.mtp_log_probs import mtp_raw_log_probs
-from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron, forward, random_batch
 
 pytestmark = pytest.mark.megatron
 DEPTHS = 2

@@ -20,7 +20,7 @@ DEPTHS = 2
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from verl_mtp.megatron.single_process import init_single_process_megatron
+    from verl_mtp.local_megatron.single_process import init_single_process_megatron
 
     init_single_process_megatron()
     return real_engine.write_tiny_engine_checkpoint(str(tmp_path_factory.mktemp("occ_ckpt")), mtp_depths=DEPTHS)

@@ -69,7 +69,7 @@ engine_module.MegatronEngineWithLMHead._lm_head_logits_processor = processor
 plugin.apply_patches((patches.MTP_FORWARD,))
 from verl.workers import engine_workers
 from verl_mtp.config import ExtendedMtpConfig
-from verl_mtp.testing import engine_step
+from verl_mtp.local_megatron import engine_step
 config = engine_step.actor_config(ExtendedMtpConfig(mtp_training_mode="standalone", mtp_loss_type="ce"))
 try:
     engine_workers.ppo_loss(config, {}, None)

@@ -17,8 +17,8 @@ import torch
 
 from verl_mtp.config import ExtendedMtpConfig
 from verl_mtp.megatron.compat import expected_gradient_reach
-from verl_mtp.megatron.grad_reach import PARAM_GROUPS, param_group
 from verl_mtp.testing import real_engine
+from verl_mtp.testing.grad_reach import PARAM_GROUPS, param_group
 
 pytestmark = pytest.mark.megatron
 
@@ -29,7 +29,7 @@ LOSSES = [("ce", "fixed", None), ("rl", "fixed", None), ("rl", "occ", "micro_bat
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from verl_mtp.megatron.single_process import init_single_process_megatron
+    from verl_mtp.local_megatron.single_process import init_single_process_megatron
 
     init_single_process_megatron()
     return real_engine.write_tiny_engine_checkpoint(str(tmp_path_factory.mktemp("engine_ckpt")), mtp_depths=DEPTHS)
@@ -146,7 +146,7 @@ def test_the_redirections_are_undone_after_each_call(checkpoint):
 def _spawn_pipeline(checkpoint, scenarios, out_dir):
     import torch.multiprocessing as mp
 
-    from verl_mtp.megatron.single_process import _free_port
+    from verl_mtp.local_megatron.single_process import free_port as _free_port
 
     mp.spawn(real_engine.pipeline_rank_main, args=(_free_port(), checkpoint, scenarios, str(out_dir)), nprocs=2)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]

@@ -17,10 +17,12 @@ import torch
 from verl.workers.utils.losses import ppo_loss
 
 from verl_mtp.config import ExtendedMtpConfig
+from verl_mtp.local_megatron import engine_step
+from verl_mtp.local_megatron.single_process import cpu_megatron
+from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec
 from verl_mtp.loss import MtpPolicyLoss
 from verl_mtp.megatron.compat import expected_gradient_reach
-from verl_mtp.testing import engine_step, real_engine
-from verl_mtp.testing.tiny_megatron import TinyGPTSpec, cpu_megatron
+from verl_mtp.testing import real_engine
 
 pytestmark = pytest.mark.megatron
 
@@ -53,7 +55,7 @@ def loss_inputs(prompts, responses, g, mtp):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from verl_mtp.megatron.single_process import init_single_process_megatron
+    from verl_mtp.local_megatron.single_process import init_single_process_megatron
 
     init_single_process_megatron()
     return real_engine.write_tiny_engine_checkpoint(str(tmp_path_factory.mktemp("rl_ckpt")), mtp_depths=DEPTHS)
@@ -133,7 +135,7 @@ def test_engine_forward_delivers_aligned_mtp_log_probs_equal_to_reference(checkp
 def test_policy_loss_term_gradient_reach(checkpoint, regime):
     # The table explain prints for mtp_loss_type=rl, measured on the installed megatron-core
     # through the engine (Float16Module, DDP gradient buffers).
-    from verl_mtp.megatron.grad_reach import PARAM_GROUPS, param_group
+    from verl_mtp.testing.grad_reach import PARAM_GROUPS, param_group
 
     reached = set(expected_gradient_reach(regime))
     engine = real(checkpoint, mtp_training_mode=regime, mtp_loss_type="rl", mtp_loss_scaling_factor=1.0)

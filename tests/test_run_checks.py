@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from verl_mtp.config import MtpConfigError, validate_mtp_run_config
-from verl_mtp.explain import compose_run_config
+from verl_mtp.tools.explain import compose_run_config
 
 OCC = [
     "actor_rollout_ref.model.mtp.mtp_training_mode=joint",

@@ -470,7 +470,7 @@ def test_engine_version_is_detected_or_pinned():
 
 
 def test_explain_prints_the_version_the_args_were_built_for(run):
-    from verl_mtp.explain import build_plan, compose_run_config, render_plan
+    from verl_mtp.tools.explain import build_plan, compose_run_config, render_plan
 
     config, _ = run("mimo", "vllm")
     cfg = compose_run_config([

@@ -51,7 +51,7 @@ def _explain(args: argparse.Namespace) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from verl_mtp.config import MtpConfigError
-    from verl_mtp.explain import build_plan, compose_run_config, plan_as_json, render_plan
+    from verl_mtp.tools.explain import build_plan, compose_run_config, plan_as_json, render_plan
 
     try:
         config = compose_run_config(args.overrides, config_name=args.config_name)
@@ -67,7 +67,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from verl_mtp.demo import DemoOptions, run_demo
+    from verl_mtp.tools.demo import DemoOptions, DemoOptionsError, run_demo
 
     regimes = tuple(r for r in args.regimes.split(",") if r)
     try:
@@ -75,7 +75,7 @@ def _demo(args: argparse.Namespace) -> int:
             steps=args.steps, regimes=regimes, seed=args.seed,
             out_dir=args.out, warmup_steps=args.warmup_steps, figure=not args.no_figure,
         )
-    except ValueError as exc:
+    except DemoOptionsError as exc:
         print(f"verl-mtp demo: {exc}", file=sys.stderr)
         return 2
     run_demo(options)
@@ -180,9 +180,9 @@ def _add_ckpt_parser(sub) -> None:
 def _accept_eval(args: argparse.Namespace) -> int:
     import json
 
-    from verl_mtp.rollout.accept_eval import (
-        AcceptEvalError, check_plot_target, plot_report, render_report, run_accept_eval,
-    )
+    from verl_mtp.tools.accept_eval.options import AcceptEvalError
+    from verl_mtp.tools.accept_eval.report import check_plot_target, plot_report, render_report
+    from verl_mtp.tools.accept_eval.run import run_accept_eval
 
     try:
         if args.plot:
@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Only cheap modules here (explain and demo import verl/torch inside their functions):
     # `--help`, `--version` and `ckpt` must not pay for verl/torch/ray. tests/test_cli_imports.py
     # checks it.
-    from verl_mtp.demo import DEFAULT_REGIMES, REGIMES
-    from verl_mtp.explain import WRAPPER_CONFIG_NAME
+    from verl_mtp.tools.demo import DEFAULT_REGIMES, REGIMES
+    from verl_mtp.tools.explain import WRAPPER_CONFIG_NAME
 
     parser = argparse.ArgumentParser(prog="verl-mtp", description="Multi-Token-Prediction for RL with verl.")
     parser.add_argument("--version", action=_VersionAction, help="print the versions of verl-mtp, verl, "

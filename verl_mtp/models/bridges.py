@@ -713,7 +713,7 @@ def load_hf_model(hf_path: str, *, mtp_num_layers: int | None = None, dtype=torc
     checkpoint's). The returned model is in eval mode.
     """
     from verl_mtp.models import mtp_depths
-    from verl_mtp.megatron.single_process import cpu_megatron, init_single_process_megatron
+    from verl_mtp.local_megatron.single_process import cpu_megatron, init_single_process_megatron
 
     with open(os.path.join(hf_path, "config.json")) as f:
         config = json.load(f)
@@ -756,7 +756,7 @@ def export_hf_weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:
 
     The export stream is checked for MTP completeness (``verl_mtp.models.export_check``)."""
     from verl_mtp.models.export_check import checked_export
-    from verl_mtp.megatron.single_process import cpu_megatron
+    from verl_mtp.local_megatron.single_process import cpu_megatron
 
     on_cpu = not torch.cuda.is_available()
     out: dict[str, torch.Tensor] = {}

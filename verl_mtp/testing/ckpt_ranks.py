@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import verl  # noqa: F401 - activates the verl-mtp plugin in spawned ranks, as in every verl process
 
-from verl_mtp.testing.tiny_megatron import TinyGPTSpec, build_tiny_gpt, cpu_megatron
+from verl_mtp.local_megatron.single_process import cpu_megatron
+from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec, build_tiny_gpt
 
 
 @contextlib.contextmanager

@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import os
 import queue as queue_module
-import socket
 import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
+from verl_mtp.local_megatron.single_process import free_port
+
 HUNG = "HUNG"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world_size: int, port: int, target: Callable, args: Sequence, results, timeout_s: float):
@@ -57,7 +52,7 @@ def run_ranks_with_deadline(target: Callable, args: Sequence, world_size: int, k
 
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
+    port = free_port()
     # The group's own timeout is past the deadline: a hung collective is caught here, not by gloo.
     procs = [
         context.Process(target=_rank_main, args=(r, world_size, port, target, args, results, deadline_s + 60),

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from verl_mtp.local_megatron.single_process import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, target: Callable, per_rank_args: Sequence, results) -> None:
@@ -34,5 +29,5 @@ def run_on_gloo_ranks(target: Callable, per_rank_args: Sequence[Sequence[Any]]) 
     world_size = len(per_rank_args)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(world_size, _free_port(), target, list(per_rank_args), results), nprocs=world_size)
+        mp.spawn(_worker, args=(world_size, free_port(), target, list(per_rank_args), results), nprocs=world_size)
         return [results[r] for r in range(world_size)]

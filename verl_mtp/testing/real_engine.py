@@ -11,7 +11,7 @@ trainer's padding conversions) runs as verl's own functions on a small shell obj
 What is CUDA-bound is redirected, each by one named context manager in this module, applied only
 while :func:`cpu_engine_runtime` is active and undone on exit:
 
-- ``cpu_megatron`` (``verl_mtp.megatron.single_process``): ``torch.cuda.current_device`` -> "cpu"
+- ``cpu_megatron`` (``verl_mtp.local_megatron.single_process``): ``torch.cuda.current_device`` -> "cpu"
   (megatron allocates RoPE, DDP buffers, p2p shape tensors and MTP loss trackers there) and the
   CUDA RNG tracker's ``fork`` -> no-op (it swaps CUDA RNG states).
 - :func:`modules_stay_on_cpu`: ``torch.nn.Module.cuda`` -> identity (mbridge's ``get_model`` moves
@@ -48,7 +48,7 @@ from typing import Any, Iterator
 
 import torch
 
-from verl_mtp.megatron.single_process import causal_mask, cpu_megatron
+from verl_mtp.local_megatron.single_process import CPU_TRANSFORMER_OVERRIDES, causal_mask, cpu_megatron
 
 # transformers has no "mimo" model type; released MiMo checkpoints ship their config class as
 # remote code, and so does the tiny one (a Qwen2 config with MTP depths).
@@ -63,21 +63,11 @@ class MiMoConfig(Qwen2Config):
         super().__init__(**kwargs)
 '''
 
-# TransformerConfig overrides a CPU build needs (verl's override_transformer_config): no fused
-# kernels (CUDA / apex / TE only), no dropout (deterministic tests). attention_backend stays
-# "auto" (the layer spec is the local one either way): "local" makes megatron set the NVTE_*
-# variables process-wide, which every later "auto" model in the process then refuses.
-CPU_TRANSFORMER_OVERRIDES = dict(
-    bias_activation_fusion=False,
-    bias_dropout_fusion=False,
-    masked_softmax_fusion=False,
-    persist_layer_norm=False,
-    gradient_accumulation_fusion=False,
-    apply_rope_fusion=False,
-    attention_backend="auto",
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-)
+# TransformerConfig overrides for verl's override_transformer_config: the CPU build's (fusions and
+# dropout off). attention_backend stays "auto" (the layer spec is the local one either way):
+# "local" makes megatron set the NVTE_* variables process-wide, which every later "auto" model in
+# the process then refuses.
+ENGINE_TRANSFORMER_OVERRIDES = dict(CPU_TRANSFORMER_OVERRIDES, attention_backend="auto")
 
 
 def write_tiny_engine_checkpoint(path: str, mtp_depths: int = 2, seed: int = 0, vocab_size: int = 64) -> str:
@@ -247,7 +237,7 @@ def init_engine_process_group(device: str = "cpu") -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from verl_mtp.megatron.single_process import _free_port, init_single_process_megatron
+    from verl_mtp.local_megatron.single_process import free_port, init_single_process_megatron
 
     if device not in ENGINE_DEVICES:
         raise ValueError(f"device={device!r}: valid choices are {', '.join(ENGINE_DEVICES)}")
@@ -257,7 +247,7 @@ def init_engine_process_group(device: str = "cpu") -> None:
     torch.cuda.set_device(0)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
@@ -372,7 +362,7 @@ class RealEngine:
             vanilla_mbridge=True,
             pipeline_model_parallel_size=pipeline_parallel,
             use_distributed_optimizer=True,
-            override_transformer_config=dict(CPU_TRANSFORMER_OVERRIDES),
+            override_transformer_config=dict(ENGINE_TRANSFORMER_OVERRIDES),
             seed=seed,
         )
         actor_config = McoreActorConfig(

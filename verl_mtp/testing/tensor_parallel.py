@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from verl_mtp.testing.tiny_megatron import cpu_megatron
+from verl_mtp.local_megatron.single_process import cpu_megatron
 
 
 def vocab_parallel_mtp_scoring_rank(weight, hidden, labels, sequence_parallel: bool, chunk_tokens: int):

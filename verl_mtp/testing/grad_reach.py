@@ -46,7 +46,7 @@ def measure_mtp_gradient_reach(model, regime: str, batch: dict, stock_verl: bool
     from verl.utils.megatron_utils import patch_engine_mtp as stock_patch_engine_mtp
 
     from verl_mtp.config import ExtendedMtpConfig
-    from verl_mtp.testing.tiny_megatron import forward
+    from verl_mtp.local_megatron.tiny_gpt import forward
 
     # "disabled" still loads the head (enable=True): verl patches the model and runs no MTP loss.
     mtp = ExtendedMtpConfig(enable=True, mtp_training_mode=regime)

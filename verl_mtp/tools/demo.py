@@ -1,6 +1,6 @@
 """``verl-mtp demo``: the MTP regimes side by side on a small RL-from-verifiable-rewards task, on CPU.
 
-What is real: a megatron-core GPTModel with one MTP depth (``verl_mtp.testing.tiny_megatron``),
+What is real: a megatron-core GPTModel with one MTP depth (``verl_mtp.local_megatron.tiny_gpt``),
 prepared by verl's ``patch_engine_mtp`` with verl-mtp's patches; rollouts sampled from it; GRPO
 advantages from verl's ``core_algos``; updates through verl's ``BaseEngine.train_batch``, verl's
 Megatron engine forward and the installed actor loss (verl's ``ppo_loss`` + verl-mtp's MTP term).
@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
 
+from verl_mtp.errors import VerlMtpError, invalid_value
+
 # torch, verl and megatron are imported inside the functions that use them: `verl-mtp --help`
 # imports this module for the regime names and must stay fast.
 
@@ -52,6 +54,10 @@ REGIMES = tuple(REGIME_LABELS)
 DEFAULT_REGIMES = ("disabled", "standalone", "joint", "rl", "rl_occ")
 
 
+class DemoOptionsError(VerlMtpError, ValueError):
+    """A bad demo option (the CLI prints it and exits 2)."""
+
+
 def regime_config(name: str, coef: float = 0.1):
     """The ExtendedMtpConfig of a demo regime (the same keys a real run sets)."""
     from verl_mtp.config import ExtendedMtpConfig
@@ -66,7 +72,7 @@ def regime_config(name: str, coef: float = 0.1):
         return ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_loss_scaling_factor=coef)
     if name == "rl_occ":
         return ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ")
-    raise ValueError(f"unknown demo regime {name!r}; valid choices are {', '.join(REGIMES)}")
+    raise DemoOptionsError(f"unknown demo regime {name!r}; valid choices are {', '.join(REGIMES)}")
 
 
 @dataclass
@@ -90,23 +96,30 @@ class DemoOptions:
     def __post_init__(self):
         self.regimes = tuple(self.regimes)
         if not self.regimes:
-            raise ValueError(f"--regimes names no regime; valid choices are {', '.join(REGIMES)} (comma-separated)")
+            raise DemoOptionsError(
+                f"--regimes names no regime; valid choices are {', '.join(REGIMES)} (comma-separated)"
+            )
         bad = [r for r in self.regimes if r not in REGIMES]
         if bad:
-            raise ValueError(f"unknown demo regime(s) {', '.join(bad)}; valid choices are {', '.join(REGIMES)}")
+            raise DemoOptionsError(
+                f"unknown demo regime(s) {', '.join(bad)}; valid choices are {', '.join(REGIMES)}"
+            )
         repeated = sorted({r for r in self.regimes if self.regimes.count(r) > 1})
         if repeated:
-            raise ValueError(f"--regimes names {', '.join(repeated)} more than once; each regime runs once")
+            raise DemoOptionsError(f"--regimes names {', '.join(repeated)} more than once; each regime runs once")
         for key in ("steps", "prompts_per_step", "samples_per_prompt", "mini_batches", "micro_batch_size"):
             if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')}={getattr(self, key)} is invalid: expected >= 1")
+                flag = f"--{key.replace('_', '-')}"
+                raise DemoOptionsError(invalid_value(flag, getattr(self, key), "expected >= 1"))
         if self.warmup_steps < 0:
-            raise ValueError(f"--warmup-steps={self.warmup_steps} is invalid: expected >= 0")
+            raise DemoOptionsError(invalid_value("--warmup-steps", self.warmup_steps, "expected >= 0"))
         if self.figure and importlib.util.find_spec("matplotlib") is None:
-            raise ValueError("the figure needs matplotlib, which is not installed: reinstall verl-mtp "
-                             "(it depends on matplotlib) or pass --no-figure")
+            raise DemoOptionsError(
+                "the figure needs matplotlib, which is not installed: reinstall verl-mtp "
+                "(it depends on matplotlib) or pass --no-figure"
+            )
         if (self.prompts_per_step * self.samples_per_prompt) % self.mini_batches:
-            raise ValueError(
+            raise DemoOptionsError(
                 f"{self.prompts_per_step * self.samples_per_prompt} rollouts per step do not split into "
                 f"{self.mini_batches} mini-batches"
             )
@@ -143,7 +156,7 @@ def reward(responses: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
 
 
 def model_spec(with_head: bool = True):
-    from verl_mtp.testing.tiny_megatron import TinyGPTSpec
+    from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec
 
     return TinyGPTSpec(
         vocab_size=VOCAB, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=128,
@@ -152,7 +165,7 @@ def model_spec(with_head: bool = True):
 
 
 def build_model(mtp, with_head: bool = True):
-    from verl_mtp.testing import engine_step
+    from verl_mtp.local_megatron import engine_step
 
     with _quiet_model_build():
         return engine_step.build_engine_model(mtp, model_spec(with_head))
@@ -183,7 +196,7 @@ def generate(model, prompts: torch.Tensor, temperature: float, generator: torch.
     """
     import torch
 
-    from verl_mtp.testing.tiny_megatron import cpu_megatron
+    from verl_mtp.local_megatron.single_process import cpu_megatron
 
     model.eval()
     tokens = prompts
@@ -217,8 +230,8 @@ def mtp_head_on_rollouts(model, prompts: torch.Tensor, responses: torch.Tensor) 
 def _score_head(model, prompts, responses) -> dict:
     import torch
 
+    from verl_mtp.local_megatron.single_process import cpu_megatron
     from verl_mtp.megatron.mtp_forward import score_mtp_without_grad
-    from verl_mtp.testing.tiny_megatron import cpu_megatron
 
     tokens = torch.cat([prompts, responses], dim=1)
     captured = {}
@@ -252,7 +265,7 @@ def warm_up(options: DemoOptions) -> dict:
     """A short supervised phase (trunk + MTP head, cross-entropy), shared by every regime."""
     import torch
 
-    from verl_mtp.testing.tiny_megatron import cpu_megatron
+    from verl_mtp.local_megatron.single_process import cpu_megatron
 
     model = build_model(regime_config("joint"))
     optimizer = torch.optim.Adam(model.parameters(), lr=options.warmup_lr)
@@ -305,7 +318,7 @@ def engine_log_probs(model, prompts, responses, temperature) -> list[torch.Tenso
     """
     import torch
 
-    from verl_mtp.testing import engine_step
+    from verl_mtp.local_megatron import engine_step
 
     with torch.no_grad():
         out = engine_step.engine_forward(
@@ -349,8 +362,8 @@ def run_regime(name: str, initial_state: dict, options: DemoOptions) -> RegimeRe
     import torch
     import verl.workers.engine_workers as engine_workers
 
+    from verl_mtp.local_megatron import engine_step
     from verl_mtp.loss import actor_update_step
-    from verl_mtp.testing import engine_step
 
     mtp = regime_config(name, options.coef)
     model = build_model(mtp, with_head=name != "none")

@@ -1,10 +1,9 @@
 """A real, tiny megatron-core GPTModel with MTP depths, on CPU.
 
-Used by the tests, the benchmarks and the CPU demo. megatron-core runs on CPU with gloo, world
-size 1, the local (non-TransformerEngine) layer spec, fp32 and fusions off, once two hard-coded
-CUDA calls are redirected: ``torch.cuda.current_device`` (RoPE, attention buffers, the MTP loss
-tracker) and the CUDA RNG tracker's ``fork``. ``cpu_megatron()`` applies both and restores them.
-Packed (THD) attention needs TransformerEngine, so this harness covers the padded layout.
+Used by ``verl-mtp demo``, the tests and the benchmarks. It runs in the single-process runtime of
+``verl_mtp.local_megatron.single_process`` (gloo, world size 1, ``cpu_megatron()``), with the local
+(non-TransformerEngine) layer spec, fp32 and fusions off. Packed (THD) attention needs
+TransformerEngine, so this builder covers the padded layout.
 """
 
 from __future__ import annotations
@@ -13,9 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-# The single-process CPU runtime lives with the megatron code (the bridges and accept-eval use it
-# too); re-exported here, where the tests, benchmark and demo have always found it.
-from verl_mtp.megatron.single_process import causal_mask, cpu_megatron, init_single_process_megatron  # noqa: F401
+from verl_mtp.local_megatron.single_process import (
+    CPU_TRANSFORMER_OVERRIDES,
+    causal_mask,
+    cpu_megatron,
+    init_single_process_megatron,
+)
 
 
 @dataclass(frozen=True)
@@ -54,14 +56,7 @@ def build_tiny_gpt(spec: TinyGPTSpec = TinyGPTSpec()):
             mtp_loss_scaling_factor=spec.mtp_loss_scaling_factor,
             use_cpu_initialization=True,
             params_dtype=torch.float32,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            bias_dropout_fusion=False,
-            bias_activation_fusion=False,
-            masked_softmax_fusion=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
-            persist_layer_norm=False,
+            **CPU_TRANSFORMER_OVERRIDES,
         )
         layer_spec = get_gpt_layer_local_spec()
         mtp_block_spec = (

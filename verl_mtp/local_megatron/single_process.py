@@ -1,12 +1,13 @@
-"""megatron-core in one process, on CPU or one GPU: what the CPU test harness, ``verl-mtp
-accept-eval`` and ``verl_mtp.models.bridges.load_hf_model`` need to build and run a model outside
+"""megatron-core in one process, on CPU or one GPU: what the tests, ``verl-mtp demo``, ``verl-mtp
+accept-eval`` and ``verl_mtp.local_megatron.hf_model.load_hf_model`` need to build and run a model outside
 verl's workers.
 
 megatron-core runs on CPU with gloo, world size 1, the local (non-TransformerEngine) layer spec,
 fp32 and fusions off, once two hard-coded CUDA calls are redirected: ``torch.cuda.current_device``
 (RoPE, attention buffers, the MTP loss tracker) and the CUDA RNG tracker's ``fork``; and, for MoE
 models on megatron-core 0.16, one missing name is bound (``moe_router_gemm_without_te``).
-``cpu_megatron()`` applies all three and restores them.
+``cpu_megatron()`` applies all three and restores them. ``CPU_TRANSFORMER_OVERRIDES`` are the
+TransformerConfig fields such a build needs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ import os
 import socket
 
 import torch
+
+# TransformerConfig fields a CPU build needs: no fused kernels (CUDA / Apex / TransformerEngine
+# only) and no dropout (runs that repeat exactly).
+CPU_TRANSFORMER_OVERRIDES = dict(
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+    gradient_accumulation_fusion=False,
+    apply_rope_fusion=False,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+)
 
 
 @contextlib.contextmanager
@@ -64,7 +78,8 @@ def moe_router_gemm_without_te():
             del moe_utils.te_general_gemm
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -78,7 +93,7 @@ def init_single_process_megatron() -> None:
     if not dist.is_initialized():
         # A fresh port of its own, not MASTER_PORT: a process started by one that already holds
         # a group (a test, a tool run from a training script) inherits a port that is in use.
-        port = _free_port()
+        port = free_port()
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(port))
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
