@@ -19,14 +19,16 @@ import torch
 
 pytest.importorskip("mbridge")
 
-from verl_mtp.models.bridges import bridge_classes, export_hf_weights, load_hf_model, swap_halves  # noqa: E402
+from verl_mtp.local_megatron.hf_model import export_hf_weights, load_hf_model  # noqa: E402
+from verl_mtp.models.bridges import bridge_classes  # noqa: E402
+from verl_mtp.models.mtp_bridge import swap_halves  # noqa: E402
 from verl_mtp.models.export_check import (  # noqa: E402
     IncompleteMtpExportError,
     check_saved_hf_dir,
     checked_export,
 )
-from verl_mtp.testing.tiny_hf import write_tiny_checkpoint  # noqa: E402
 from verl_mtp.local_megatron.single_process import cpu_megatron  # noqa: E402
+from verl_mtp.testing.tiny_hf import write_tiny_checkpoint  # noqa: E402
 
 CASES = {"mimo": 1, "deepseek_v3": 2, "glm4_moe": 2, "qwen_mtp": 1}
 
@@ -219,7 +221,7 @@ def test_saved_dir_check_refuses_an_index_that_lists_unwritten_shards(checkpoint
 
 
 def test_qwen_names_refuse_a_second_depth_with_a_clear_error():
-    from verl_mtp.models.bridges import qwen_mtp_hf_names
+    from verl_mtp.models.mtp_bridge import qwen_mtp_hf_names
 
     def trunk(layer, rest):
         return [f"model.layers.{layer}.self_attn.o_proj.weight"]
@@ -318,7 +320,7 @@ def test_the_stock_mbridge_defects_this_module_corrects():
     from mbridge.models.glm4moe import GLM4MoEBridge
     from mbridge.models.mimo import MimoBridge
 
-    from verl_mtp.models.bridges import _hf_config_object
+    from verl_mtp.models.bridges import hf_config_object as _hf_config_object
     from verl_mtp.testing.tiny_hf import tiny_config, write_checkpoint
     from verl_mtp.local_megatron.single_process import init_single_process_megatron
 
