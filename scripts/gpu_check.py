@@ -68,7 +68,7 @@ def _values(tensor):
 def mtp_log_probs(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Depth-1..K MTP log-probs and their validity from one training-mode forward (zero loss, so
     the backward through the chunked path runs but changes nothing; gradients are zeroed after)."""
-    from verl_mtp.loss import MTP_LOG_PROBS_KEY, MTP_VALID_KEY
+    from verl_mtp.megatron.keys import MTP_LOG_PROBS_KEY, MTP_VALID_KEY
 
     seen = []
 

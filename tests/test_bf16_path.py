@@ -64,7 +64,7 @@ def test_another_models_stash_is_never_used():
     with torch.enable_grad():
         out = engine_step.engine_forward(wrapped, prompts, responses)
     pending = mtp_forward._PendingMtp(
-        model=wrapped.module, plan=None, hidden_chunks=(), labels=None, output_weight=None, packed_seq_params=None,
+        model=wrapped.module, hidden_chunks=(), labels=None, output_weight=None, packed_seq_params=None,
         cp_group=None, runtime_gather_output=None, logits_shape=(2, 9, 64),
     )
     other_engine = type("Engine", (), {"module": [torch.nn.Linear(1, 1)]})()

@@ -8,7 +8,8 @@ PG is the policy-loss function verl's registry returns for ``actor.policy_loss.l
 log-probs q_k in place of the policy's. The main term is verl's own ``ppo_loss``, untouched,
 so entropy and KL terms are kept and lambda = 0 reproduces stock verl exactly.
 
-The forward delivers, next to ``log_probs`` and un-packed the same way, in megatron's own indexing:
+The forward delivers, next to ``log_probs`` and un-packed the same way, in megatron's own indexing,
+the entries named in ``verl_mtp.megatron.keys``:
     model_output["mtp_log_probs"]  [tokens, K]: [t, k-1] = log q_k(input_ids[t+k+1])
     model_output["mtp_valid"]      [tokens, K]: that label lies inside the sequence
     model_output["mtp_agree"]      [tokens, K]: depth k's argmax is that label (both loss types)
@@ -25,21 +26,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
 from verl_mtp.align import align_mtp_to_main_head
 from verl_mtp.config import as_extended
+from verl_mtp.errors import VerlMtpError
+from verl_mtp.megatron.keys import MTP_AGREE_KEY, MTP_LOG_PROBS_KEY, MTP_VALID_KEY
 from verl_mtp.occ import OccCoefficient, UpdateSchedule, all_reduce_sums, calibrate, occ_partial_sums
 
-MTP_LOG_PROBS_KEY = "mtp_log_probs"
-MTP_VALID_KEY = "mtp_valid"
-MTP_AGREE_KEY = "mtp_agree"
 
-
-class MtpLossError(RuntimeError):
-    pass
+class MtpLossError(VerlMtpError, RuntimeError):
+    """The MTP term cannot be computed as configured (a patch it relies on is not active, OCC state
+    that does not fit this run)."""
 
 
 def _depth_metric_name(name: str, depth: int) -> str:
@@ -48,26 +49,48 @@ def _depth_metric_name(name: str, depth: int) -> str:
     return f"actor/mtp_{depth}/{base}"
 
 
+@dataclass
+class ActorState:
+    """What the loss keeps for one actor between calls.
+
+    verl binds each actor's config once (``partial(ppo_loss, config=actor_config)``) and passes that
+    same object on every call, so the config object is the actor's identity. The state lives as
+    long as the ``MtpPolicyLoss`` holding it (for the installed loss: the worker process); it keeps
+    its config alive so that the ``id`` it is filed under never names another object.
+    """
+
+    config: Any
+    schedule: UpdateSchedule = field(default_factory=UpdateSchedule)  # which mini-batch is on-policy
+    coefficients: Optional[list[OccCoefficient]] = None  # OCC, one per depth, built at first use
+    prepass_sums: Optional[torch.Tensor] = None  # occ_scope=mini_batch: the running pre-pass's sums
+    frozen: Optional[list[float]] = None  # occ_scope=mini_batch: lambdas of the mini-batch in training
+    patches_checked: bool = False
+
+
 class MtpPolicyLoss:
-    """Callable with ``ppo_loss``'s signature; holds the OCC state of this worker's actor."""
+    """Callable with ``ppo_loss``'s signature; owns the OCC state of this worker's actors.
+
+    All per-actor state sits in one ``ActorState`` per actor config (``actor(config)``); the
+    methods below are the only way in or out of it.
+    """
 
     def __init__(self, stock_loss: Callable):
         self.stock_loss = stock_loss
-        self._occ: dict[int, list[OccCoefficient]] = {}
-        # occ_scope=mini_batch, keyed by id(actor config): sums of the running pre-pass, and the
-        # lambdas fixed for the mini-batch being trained.
-        self._occ_pending: dict[int, torch.Tensor] = {}
-        self._occ_frozen: dict[int, list[float]] = {}
+        self._actors: dict[int, ActorState] = {}
         # OCC state read from a checkpoint before the first OCC step builds the coefficients.
         self._occ_restore: Optional[list[dict]] = None
-        # Where each actor is in verl's update loop (keyed like the OCC state).
-        self._schedules: dict[int, UpdateSchedule] = {}
-        self._patches_checked: set[int] = set()
+
+    def actor(self, config: Any) -> ActorState:
+        """The state of the actor whose config is ``config`` (created empty on first use)."""
+        state = self._actors.get(id(config))
+        if state is None:
+            state = self._actors[id(config)] = ActorState(config)
+        return state
 
     # --- verl's update schedule (which mini-batch is on-policy) ------------------------------
 
     def schedule(self, config: Any) -> UpdateSchedule:
-        return self._schedules.setdefault(id(config), UpdateSchedule())
+        return self.actor(config).schedule
 
     def begin_update_step(self, config: Any) -> None:
         """verl's worker starts a step's mini-batch loop (``TrainingWorker.train_mini_batch``)."""
@@ -92,51 +115,48 @@ class MtpPolicyLoss:
         return on_policy
 
     def occ_coefficients(self, config: Any, mtp, depths: int) -> list[OccCoefficient]:
-        coefs = self._occ.get(id(config))
+        state = self.actor(config)
+        coefs = state.coefficients
         if coefs is None or len(coefs) != depths:
             coefs = [OccCoefficient.from_config(mtp) for _ in range(depths)]
             if self._occ_restore is not None:
-                if len(self._occ_restore) != depths:
-                    raise MtpLossError(
-                        f"the checkpoint's OCC state covers {len(self._occ_restore)} MTP depth(s), this run has {depths}"
-                    )
-                for coef, state in zip(coefs, self._occ_restore):
-                    coef.load_state_dict(state)
+                _load_occ(coefs, self._occ_restore)
                 self._occ_restore = None
-            self._occ[id(config)] = coefs
+            state.coefficients = coefs
         return coefs
 
     # --- checkpointing (verl_mtp.ckpt.mtp_manifest) ------------------------------------------
 
+    def _occ_holder(self) -> Optional[list[OccCoefficient]]:
+        holders = [state.coefficients for state in self._actors.values() if state.coefficients is not None]
+        if len(holders) > 1:
+            raise MtpLossError(f"{len(holders)} actor configs hold OCC state; a checkpoint can carry one")
+        return holders[0] if holders else None
+
     def occ_state_dict(self) -> Optional[list[dict]]:
         """Per-depth OCC state of this worker's actor, or None before OCC first ran."""
-        if not self._occ:
+        coefs = self._occ_holder()
+        if coefs is None:
             return self._occ_restore  # restored but not used yet: still the state to carry on
-        if len(self._occ) > 1:
-            raise MtpLossError(f"{len(self._occ)} actor configs hold OCC state; a checkpoint can carry one")
-        return [coef.state_dict() for coef in next(iter(self._occ.values()))]
+        return [coef.state_dict() for coef in coefs]
 
     def load_occ_state_dict(self, state: list[dict]) -> None:
         """Resume OCC from ``state`` (applied now, or when the first OCC step builds its coefficients)."""
-        if len(self._occ) > 1:
-            raise MtpLossError(f"{len(self._occ)} actor configs hold OCC state; a checkpoint can carry one")
-        for coefs in self._occ.values():
-            if len(coefs) != len(state):
-                raise MtpLossError(f"the checkpoint's OCC state covers {len(state)} MTP depth(s), this run has {len(coefs)}")
-            for coef, one in zip(coefs, state):
-                coef.load_state_dict(one)
-            return
-        self._occ_restore = [dict(one) for one in state]
+        coefs = self._occ_holder()
+        if coefs is None:
+            self._occ_restore = [dict(one) for one in state]
+        else:
+            _load_occ(coefs, state)
 
     def __call__(self, config, model_output, data, dp_group=None):
         mtp = as_extended(getattr(getattr(config, "model_config", None), "mtp", None))
-        if mtp.enable_train and id(config) not in self._patches_checked:
+        if mtp.enable_train and not self.actor(config).patches_checked:
             # Once per actor; besides the engine's initialisation, in case the patch that hooks
             # that (mtp_forward) is the one that failed.
             from verl_mtp.plugin import require_patches
 
             require_patches(mtp, "the actor loss")
-            self._patches_checked.add(id(config))
+            self.actor(config).patches_checked = True
         loss, metrics = self.stock_loss(config, model_output, data, dp_group)
         if not mtp.enable_train:
             return loss, metrics
@@ -154,8 +174,8 @@ class MtpPolicyLoss:
         """Loss function of the pre-pass: accumulates this rank's OCC sums, trains nothing."""
         log_prob, q, old_log_prob, masks = _occ_inputs(model_output, data)
         partial = torch.stack([occ_partial_sums(log_prob, x, old_log_prob, m) for x, m in zip(q, masks)])
-        running = self._occ_pending.get(id(config))
-        self._occ_pending[id(config)] = partial if running is None else running + partial
+        state = self.actor(config)
+        state.prepass_sums = partial if state.prepass_sums is None else state.prepass_sums + partial
         return log_prob.new_zeros(()), {}
 
     def run_occ_prepass(self, engine, data, config) -> Optional[list[float]]:
@@ -165,64 +185,55 @@ class MtpPolicyLoss:
         last stage runs the loss function, so only there are sums gathered and lambda fixed (the
         other stages only pass activations on, and use no lambda); they return None.
         """
-        self._occ_pending.pop(id(config), None)
-        modules = engine.module if isinstance(engine.module, (list, tuple)) else [engine.module]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        from verl_mtp.megatron.mtp_forward import score_mtp_without_grad
-
-        try:
-            with torch.no_grad(), score_mtp_without_grad():
-                engine.forward_backward_batch(data, functools.partial(self.occ_prepass_loss, config=config), forward_only=True)
-        finally:
-            for m, mode in zip(modules, modes):
-                m.train(mode)
-        partial = self._occ_pending.pop(id(config), None)
+        state = self.actor(config)
+        state.prepass_sums = None
+        _forward_only_in_eval(engine, data, functools.partial(self.occ_prepass_loss, config=config))
+        partial, state.prepass_sums = state.prepass_sums, None
         if partial is None:
             if not _is_last_pipeline_stage():
                 return None
             raise MtpLossError("the OCC pre-pass ran no micro-batch through its loss function")
         total = all_reduce_sums(partial, group=engine.get_data_parallel_group())
-        mtp = as_extended(config.model_config.mtp)
-        occ = self.occ_coefficients(config, mtp, total.shape[0])
+        occ = self.occ_coefficients(config, as_extended(config.model_config.mtp), total.shape[0])
         on_policy = self.on_policy(config)
-        self._occ_frozen[id(config)] = [coef.update(sums, on_policy=on_policy) for coef, sums in zip(occ, total)]
-        return self._occ_frozen[id(config)]
+        state.frozen = [coef.update(sums, on_policy=on_policy) for coef, sums in zip(occ, total)]
+        return state.frozen
 
     def end_occ_mini_batch(self, config) -> None:
-        self._occ_frozen.pop(id(config), None)
+        self.actor(config).frozen = None
+
+    # --- the MTP policy-loss term ------------------------------------------------------------
+
+    def _coefficients(self, config, mtp, log_prob, q, old_log_prob, masks, dp_group):
+        """(OCC coefficients or None, lambda per depth) for this micro-batch."""
+        if mtp.mtp_coef_mode != "occ":
+            return None, [mtp.mtp_loss_scaling_factor] * len(q)
+        occ = self.occ_coefficients(config, mtp, len(q))
+        if mtp.occ_scope != "mini_batch":
+            on_policy = self.on_policy(config)
+            detached = [x.detach() for x in q]
+            return occ, calibrate(occ, log_prob, detached, old_log_prob, masks, group=dp_group, on_policy=on_policy)
+        frozen = self.actor(config).frozen
+        if frozen is None:
+            raise MtpLossError(
+                "occ_scope=mini_batch but no OCC pre-pass ran for this mini-batch: the engine "
+                "train_batch patch (occ_update_schedule) is not active in this worker (check the "
+                "[verl-mtp] lines in its log); set actor_rollout_ref.model.mtp.occ_scope=micro_batch "
+                "to calibrate per micro-batch instead"
+            )
+        return occ, frozen
 
     def mtp_term(self, config, mtp, model_output, data, dp_group=None) -> tuple[torch.Tensor, dict]:
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
-        from verl.utils.metric import AggregationType, Metric
 
         per_micro_batch_occ = mtp.mtp_coef_mode == "occ" and mtp.occ_scope == "micro_batch"
         log_prob, q, old_log_prob, masks = _occ_inputs(model_output, data, with_grad=True, main=per_micro_batch_occ)
         depths = len(q)
         padded = _padded(data, ["advantages"] + (["rollout_is_weights"] if "rollout_is_weights" in data else []))
-
-        if mtp.mtp_coef_mode == "occ":
-            occ = self.occ_coefficients(config, mtp, depths)
-            if mtp.occ_scope == "mini_batch":
-                coefs = self._occ_frozen.get(id(config))
-                if coefs is None:
-                    raise MtpLossError(
-                        "occ_scope=mini_batch but no OCC pre-pass ran for this mini-batch: the engine "
-                        "train_batch patch (occ_update_schedule) is not active in this worker (check the "
-                        "[verl-mtp] lines in its log); set actor_rollout_ref.model.mtp.occ_scope=micro_batch "
-                        "to calibrate per micro-batch instead"
-                    )
-            else:
-                coefs = calibrate(
-                    occ, log_prob, [x.detach() for x in q], old_log_prob, masks, group=dp_group,
-                    on_policy=self.on_policy(config),
-                )
-        else:
-            occ, coefs = None, [mtp.mtp_loss_scaling_factor] * depths
+        occ, coefs = self._coefficients(config, mtp, log_prob, q, old_log_prob, masks, dp_group)
 
         policy_loss_fn = get_policy_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))
-        aggregation = AggregationType.SUM if _global_info_set(config, data) else AggregationType.MEAN
+        summed = _global_info_set(config, data)
         term = old_log_prob.new_zeros(())
         metrics: dict[str, Any] = {}
         for k, (weight, coef) in enumerate(zip(mtp.step_weights(depths), coefs), start=1):
@@ -236,18 +247,50 @@ class MtpPolicyLoss:
                 rollout_is_weights=padded.get("rollout_is_weights", None),
             )
             term = term + (coef * weight) * pg_loss
-            for name, value in pg_metrics.items():
-                metrics[_depth_metric_name(name, k)] = Metric(value=value, aggregation=AggregationType.MEAN)
-            metrics[f"actor/mtp_{k}/pg_loss"] = Metric(value=pg_loss.detach(), aggregation=aggregation)
-            metrics[f"actor/mtp_{k}/coef"] = float(coef)
-            metrics[f"actor/mtp_{k}/step_weight"] = float(weight)
-            if occ is not None:
-                last = occ[k - 1].last
-                metrics[f"actor/mtp_{k}/occ_numerator"] = last["numerator"]
-                metrics[f"actor/mtp_{k}/occ_denominator"] = last["denominator"]
-                metrics[f"actor/mtp_{k}/occ_on_policy"] = last["on_policy"]
-                metrics[f"actor/mtp_{k}/occ_delta_rl_rms"] = last["delta_rl_rms"]
+            metrics.update(_depth_metrics(k, pg_loss, pg_metrics, coef, weight, occ, summed))
         return term, metrics
+
+
+def _load_occ(coefs: list[OccCoefficient], state: list[dict]) -> None:
+    if len(state) != len(coefs):
+        raise MtpLossError(f"the checkpoint's OCC state covers {len(state)} MTP depth(s), this run has {len(coefs)}")
+    for coef, one in zip(coefs, state):
+        coef.load_state_dict(one)
+
+
+def _depth_metrics(k: int, pg_loss, pg_metrics: dict, coef, weight, occ, summed: bool) -> dict:
+    """Depth ``k``'s metrics: its policy-loss metrics, lambda, step weight and OCC's measurement."""
+    from verl.utils.metric import AggregationType, Metric
+
+    metrics: dict[str, Any] = {
+        _depth_metric_name(name, k): Metric(value=value, aggregation=AggregationType.MEAN)
+        for name, value in pg_metrics.items()
+    }
+    aggregation = AggregationType.SUM if summed else AggregationType.MEAN
+    metrics[f"actor/mtp_{k}/pg_loss"] = Metric(value=pg_loss.detach(), aggregation=aggregation)
+    metrics[f"actor/mtp_{k}/coef"] = float(coef)
+    metrics[f"actor/mtp_{k}/step_weight"] = float(weight)
+    if occ is not None:
+        last = occ[k - 1].last
+        for name in ("numerator", "denominator", "on_policy", "delta_rl_rms"):
+            metrics[f"actor/mtp_{k}/occ_{name}"] = last[name]
+    return metrics
+
+
+def _forward_only_in_eval(engine, data, loss_function) -> None:
+    """``engine``'s forward-only pass over ``data`` in eval mode, MTP heads scored without grad."""
+    from verl_mtp.megatron.mtp_forward import score_mtp_without_grad
+
+    modules = engine.module if isinstance(engine.module, (list, tuple)) else [engine.module]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad(), score_mtp_without_grad():
+            engine.forward_backward_batch(data, loss_function, forward_only=True)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 def _is_last_pipeline_stage() -> bool:
@@ -330,27 +373,48 @@ def agreement_metrics(config, model_output, data) -> dict:
     return metrics
 
 
-# The one MtpPolicyLoss the plugin installs (engine_workers' ppo_loss and the distillation loss's
-# share it, so OCC's state is one per actor config).
+# The one MtpPolicyLoss of this process: the mtp_policy_loss patch puts it in place of verl's
+# ppo_loss (engine_workers binds it; the distillation loss calls it inside), so each actor's OCC
+# state exists once. It lives until the process ends, or until the patch wraps another stock loss.
 _installed: Optional[MtpPolicyLoss] = None
 
 
 def installed_policy_loss(stock_loss: Callable) -> MtpPolicyLoss:
+    """This process's MtpPolicyLoss around ``stock_loss`` (made on first use)."""
     global _installed
     if _installed is None or _installed.stock_loss is not stock_loss:
         _installed = MtpPolicyLoss(stock_loss)
     return _installed
 
 
-def occ_target(loss_function) -> Optional[tuple[MtpPolicyLoss, Any, Any]]:
-    """(installed loss, actor config, its MTP config) if ``loss_function`` trains an rl+OCC actor."""
+def current_policy_loss() -> Optional[MtpPolicyLoss]:
+    """This process's installed MtpPolicyLoss, or None when the plugin installed none here."""
+    return _installed
+
+
+def bound_actor(loss_function) -> Optional[tuple[MtpPolicyLoss, Any]]:
+    """(MtpPolicyLoss, actor config) of the loss function verl hands its engine, or None.
+
+    verl's ``TrainingWorker`` binds its loss once as ``functools.partial(ppo_loss, config=actor_config)``
+    (or ``partial(distillation_ppo_loss, config=..., distillation_config=...)``, which calls
+    ``ppo_loss`` inside). This is the one place verl-mtp reads such a partial back: the loss is the
+    bound function when that is an MtpPolicyLoss, else this process's installed one.
+    """
     if not isinstance(loss_function, functools.partial):
         return None
     config = loss_function.keywords.get("config")
-    # engine_workers binds the installed loss itself; the distillation loss calls it inside.
     policy_loss = loss_function.func if isinstance(loss_function.func, MtpPolicyLoss) else _installed
     if policy_loss is None or config is None:
         return None
+    return policy_loss, config
+
+
+def occ_target(loss_function) -> Optional[tuple[MtpPolicyLoss, Any, Any]]:
+    """(installed loss, actor config, its MTP config) if ``loss_function`` trains an rl+OCC actor."""
+    bound = bound_actor(loss_function)
+    if bound is None:
+        return None
+    policy_loss, config = bound
     mtp = as_extended(getattr(getattr(config, "model_config", None), "mtp", None))
     if mtp.enable_train and mtp.mtp_loss_type == "rl" and mtp.mtp_coef_mode == "occ":
         return policy_loss, config, mtp

@@ -14,10 +14,12 @@ Two steps, both inside one micro-batch forward of verl's ``MegatronEngineWithLMH
    agreement), which verl un-packs (THD or BSHD, context-parallel gather) exactly like
    ``log_probs``.
 
-The hand-over is a per-thread slot. Every postprocess call empties it before anything else (so a
-stash never outlives the model forward that made it), step 2 empties it again when it takes it,
-and step 2 uses a stash only when it came from one of its own engine's model chunks and matches
-the logits' shape. The logits tensor itself is not the key: megatron's ``Float16Module`` (every
+The plan (loss type, detach, depth scales, chunk size) is fixed per model and both steps read it
+from the model (``forward_plan``). The per-forward tensors go from step 1 to step 2 in a
+per-thread slot. Every postprocess call empties it before anything else (so a stash never
+outlives the model forward that made it), step 2 empties it again when it takes it, and step 2
+uses a stash only when it came from one of its own engine's model chunks and matches the
+logits' shape. The logits tensor itself is not the key: megatron's ``Float16Module`` (every
 bf16/fp16 run) hands the processor ``logits.float()``, a new tensor, and DDP or virtual-pipeline
 wrappers may do likewise.
 """
@@ -32,7 +34,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from verl_mtp.loss import MTP_AGREE_KEY, MTP_LOG_PROBS_KEY, MTP_VALID_KEY
+from verl_mtp.megatron.keys import MTP_AGREE_KEY, MTP_LOG_PROBS_KEY, MTP_VALID_KEY
+from verl_mtp.megatron.wrappers import unwrap_model
 
 # verl's engine puts the routed/loss token ratio here when megatron normalises per token.
 _VERL_NORMALIZATION_FACTOR_ATTR = "_verl_mtp_loss_normalization_factor"
@@ -40,18 +43,38 @@ _VERL_NORMALIZATION_FACTOR_ATTR = "_verl_mtp_loss_normalization_factor"
 
 @dataclass(frozen=True)
 class MtpForwardPlan:
-    """What the postprocess does with the MTP heads, fixed at engine initialisation."""
+    """What the postprocess does with the MTP heads, fixed at engine initialisation.
+
+    It lives on the GPTModel it is installed on (``install_mtp_postprocess``; ``forward_plan``
+    reads it back): both steps of the forward take it from there, never from a second copy.
+    """
 
     loss_type: str  # "ce" | "rl"
     detach_output_layer: bool  # standalone: the lm_head learns nothing from MTP
     ce_depth_scales: tuple = ()  # ce: depth k's loss scale, lambda * beta**(k-1) / K
     chunk_tokens: int = 0  # tokens per vocabulary-sized logits chunk of a depth; 0 = unchunked
 
+    @classmethod
+    def for_model(cls, mtp, model_config) -> "MtpForwardPlan":
+        """The plan for a GPTModel with TransformerConfig ``model_config`` under the run's ExtendedMtpConfig ``mtp``."""
+        depths = model_config.mtp_num_layers
+        # ce keeps megatron's convention (the scaling factor split evenly over depths) so
+        # beta = 1 reproduces verl's loss exactly.
+        scale = model_config.mtp_loss_scaling_factor / depths
+        return cls(
+            loss_type=mtp.mtp_loss_type,
+            # standalone: no MTP gradient into the lm_head either (verl's 0.18 path leaks it)
+            detach_output_layer=mtp.detach_encoder,
+            ce_depth_scales=tuple(scale * w for w in mtp.step_weights(depths)),
+            chunk_tokens=mtp.mtp_logits_chunk_tokens,
+        )
+
 
 @dataclass
 class _PendingMtp:
+    """What one model forward leaves for the logits processor (its plan stays on ``model``)."""
+
     model: Any
-    plan: MtpForwardPlan
     hidden_chunks: tuple
     labels: torch.Tensor
     output_weight: Optional[torch.Tensor]
@@ -76,13 +99,6 @@ def _take() -> Optional[_PendingMtp]:
     return pending
 
 
-def _unwrapped(module):
-    # Float16Module, DDP and friends all keep the wrapped model in ``.module``.
-    while hasattr(module, "module") and isinstance(getattr(module, "module"), torch.nn.Module):
-        module = module.module
-    return module
-
-
 def _belongs_to(pending: _PendingMtp, engine, logits: torch.Tensor) -> bool:
     """Whether ``pending`` was made by ``engine``'s model for these ``logits`` (any wrapper, any dtype)."""
     if tuple(logits.shape) != pending.logits_shape:
@@ -91,7 +107,7 @@ def _belongs_to(pending: _PendingMtp, engine, logits: torch.Tensor) -> bool:
     if chunks is None:  # a bare processor outside an engine (single-model tools): the shape must do
         return True
     chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
-    return any(_unwrapped(chunk) is pending.model for chunk in chunks)
+    return any(unwrap_model(chunk) is pending.model for chunk in chunks)
 
 
 def _cp_group(model, packed_seq_params):
@@ -172,7 +188,7 @@ def mtp_postprocess(self, **kw):
     )
     if not self.post_process:
         return hidden_states
-    plan: MtpForwardPlan = self._verl_mtp_plan
+    plan = forward_plan(self)
     packed_seq_params = kw.get("packed_seq_params")
     cp_group = _cp_group(self, packed_seq_params)
     chunks = torch.chunk(hidden_states, 1 + self.config.mtp_num_layers, dim=0)
@@ -210,7 +226,6 @@ def mtp_postprocess(self, **kw):
     _put(
         _PendingMtp(
             model=self,
-            plan=plan,
             hidden_chunks=chunks[1:] if plan.loss_type == "rl" else (),
             labels=labels,
             output_weight=output_weight,
@@ -234,11 +249,24 @@ def install_mtp_postprocess(model, plan: MtpForwardPlan) -> None:
     model._postprocess = types.MethodType(mtp_postprocess, model)
 
 
-def uninstall_mtp_postprocess(model) -> None:
-    stock = getattr(model, "_verl_mtp_stock_postprocess", None)
-    if stock is not None:
-        model._postprocess = stock
-        model._verl_mtp_stock_postprocess = None
+def forward_plan(model) -> MtpForwardPlan:
+    """The plan ``install_mtp_postprocess`` put on ``model`` (the one place it is kept)."""
+    return model._verl_mtp_plan
+
+
+def install_mtp_forward(module, mtp) -> None:
+    """After verl's ``patch_engine_mtp`` on ``module`` (a model chunk or a list of them): put the
+    MTP forward planned from ``mtp`` (the run's ExtendedMtpConfig) on every GPTModel with MTP
+    layers. Nothing when MTP does not train."""
+    if not mtp.enable_train:
+        return
+    from verl.models.mcore.mtp_patch import _get_patching_model
+
+    for chunk in module if isinstance(module, list) else [module]:
+        model = _get_patching_model(chunk)
+        if model is None or getattr(model, "mtp", None) is None:
+            continue
+        install_mtp_postprocess(model, MtpForwardPlan.for_model(mtp, model.config))
 
 
 def logits_processor_with_mtp(original: Callable) -> Callable:
@@ -250,7 +278,8 @@ def logits_processor_with_mtp(original: Callable) -> Callable:
         if pending is None:
             return result
         agree, valid = pending.agree, pending.valid
-        if pending.plan.loss_type == "rl":
+        plan = forward_plan(pending.model)
+        if plan.loss_type == "rl":
             from verl_mtp.megatron.mtp_log_probs import mtp_raw_log_probs
 
             log_probs, valid, agree = mtp_raw_log_probs(
@@ -259,12 +288,12 @@ def logits_processor_with_mtp(original: Callable) -> Callable:
                 pending.labels,
                 temperature,
                 output_weight=pending.output_weight,
-                detach_output_layer=pending.plan.detach_output_layer,
+                detach_output_layer=plan.detach_output_layer,
                 cp_group=pending.cp_group,
                 packed_seq_params=pending.packed_seq_params,
                 runtime_gather_output=pending.runtime_gather_output,
                 with_agreement=True,
-                chunk_tokens=pending.plan.chunk_tokens,
+                chunk_tokens=plan.chunk_tokens,
             )
             result[MTP_LOG_PROBS_KEY] = log_probs
         # Float, not bool: verl's un-packing all-gathers over context parallelism.
