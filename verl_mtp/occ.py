@@ -171,15 +171,20 @@ class OccCoefficient:
 
     @classmethod
     def from_config(cls, mtp) -> "OccCoefficient":
-        return cls(
-            scale=mtp.occ_scale,
-            eps=mtp.occ_eps,
-            ema_decay=mtp.occ_ema_decay,
-            coef_min=mtp.occ_coef_min,
-            coef_max=mtp.occ_coef_max,
-            on_policy=mtp.occ_on_policy_coef,
-            fixed=mtp.mtp_loss_scaling_factor,
-        )
+        """The coefficient an ExtendedMtpConfig ``mtp`` asks for, with fresh state."""
+        return cls(**{name: getattr(mtp, key) for name, key in _SETTINGS_FROM_CONFIG.items()})
+
+
+# OccCoefficient's settings and the ExtendedMtpConfig field each one is read from.
+_SETTINGS_FROM_CONFIG = {
+    "scale": "occ_scale",
+    "eps": "occ_eps",
+    "ema_decay": "occ_ema_decay",
+    "coef_min": "occ_coef_min",
+    "coef_max": "occ_coef_max",
+    "on_policy": "occ_on_policy_coef",
+    "fixed": "mtp_loss_scaling_factor",
+}
 
 
 def calibrate(

@@ -52,6 +52,9 @@ from typing import Any
 
 import torch
 
+from verl_mtp.errors import VerlMtpError, report_loudly
+from verl_mtp.megatron.wrappers import unwrap_model
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "mtp_manifest.json"
@@ -73,7 +76,7 @@ RECORDED_CONFIG_FIELDS = (
 )
 
 
-class MtpCheckpointError(RuntimeError):
+class MtpCheckpointError(VerlMtpError, RuntimeError):
     """An MTP checkpoint problem; the message names the tensors, the checkpoint and the fix."""
 
 
@@ -104,13 +107,6 @@ def _shown(names, limit: int = 20) -> str:
 # --- the live model ---------------------------------------------------------------------------
 
 
-def _unwrap(chunk):
-    # DDP and Float16Module wrap the GPTModel as `.module` (possibly twice).
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
-
-
 def _sharded_tensors(entry) -> list:
     """The ShardedTensors a sharded-state-dict entry saves (a factory, e.g. SwiGLU's, builds them)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -135,13 +131,13 @@ def live_mtp_tensors(manager) -> tuple[dict[str, MtpTensor], list[str]]:
     state dict would be silently left out of a dist checkpoint.
     """
     chunks = manager.model if isinstance(manager.model, (list, tuple)) else [manager.model]
-    if not any(any(n.startswith(MTP_PREFIX) for n, _ in _unwrap(c).named_parameters()) for c in chunks):
+    if not any(any(n.startswith(MTP_PREFIX) for n, _ in unwrap_model(c).named_parameters()) for c in chunks):
         return {}, []
     sharded = manager._build_model_sharded_state_dict(manager._build_sharded_state_dict_metadata())
     tensors: dict[str, MtpTensor] = {}
     not_sharded: list[str] = []
     for index, chunk in enumerate(chunks):
-        model = _unwrap(chunk)
+        model = unwrap_model(chunk)
         chunk_sd = sharded["model" if len(chunks) == 1 else f"model{index}"]
         for name, param in model.named_parameters():
             if not name.startswith(MTP_PREFIX):
@@ -196,17 +192,17 @@ def uses_occ(mtp) -> bool:
 
 def current_occ_state() -> list[dict] | None:
     """OCC's per-depth state held by this process's actor loss, or None (no OCC ran here)."""
-    import verl_mtp.loss as loss_module
+    from verl_mtp.loss import current_policy_loss
 
-    installed = loss_module._installed
+    installed = current_policy_loss()
     return None if installed is None else installed.occ_state_dict()
 
 
 def restore_occ_state(state: list[dict]) -> bool:
     """Hand ``state`` to this process's actor loss; False when no verl-mtp loss is installed."""
-    import verl_mtp.loss as loss_module
+    from verl_mtp.loss import current_policy_loss
 
-    installed = loss_module._installed
+    installed = current_policy_loss()
     if installed is None:
         return False
     installed.load_occ_state_dict(state)
@@ -301,7 +297,7 @@ def _megatron_fsdp_unchecked(manager, verb: str) -> bool:
     # Megatron-FSDP writes one combined DTensor checkpoint whose key layout this module does not read.
     if not getattr(manager, "use_megatron_fsdp", False):
         return False
-    logger.warning("verl-mtp: Megatron-FSDP checkpoint %s WITHOUT MTP checks or mtp_manifest.json", verb)
+    report_loudly(f"Megatron-FSDP checkpoint {verb} WITHOUT MTP checks or {MANIFEST_NAME}")
     return True
 
 
@@ -432,9 +428,8 @@ def check_mtp_resume(manager, local_path: str) -> ResumePlan:
         found_mtp = {k: s for k, s in found.items() if k.startswith(MTP_PREFIX)}
         if not expected:
             if found_mtp:
-                logger.warning(
-                    "verl-mtp: %s holds %d MTP tensors but this model has no MTP head; they are not loaded",
-                    label, len(found_mtp),
+                report_loudly(
+                    f"{label} holds {len(found_mtp)} MTP tensors but this model has no MTP head; they are not loaded"
                 )
             return plan
         if not found_mtp and manifest is None:
@@ -514,10 +509,9 @@ def _allow_fresh_head(manager, label: str, depths: int) -> bool:
             f"cannot be loaded into this MTP run; set actor_rollout_ref.actor.checkpoint.load_contents to "
             f"['model', 'extra'] (the optimizer starts fresh) together with mtp_allow_fresh_head_on_resume=True"
         )
-    logger.warning(
-        "verl-mtp: %s was saved without MTP; mtp_allow_fresh_head_on_resume=True, so the %d-depth MTP head "
-        "keeps its fresh initialisation and everything else is loaded from the checkpoint",
-        label, depths,
+    report_loudly(
+        f"{label} was saved without MTP; mtp_allow_fresh_head_on_resume=True, so the {depths}-depth MTP head "
+        f"keeps its fresh initialisation and everything else is loaded from the checkpoint"
     )
     return True
 

@@ -2,8 +2,8 @@
 
 megatron-core <= 0.16 computes MTP losses in ``GPTModel._postprocess`` ("legacy"); 0.18 adds
 ``process_mtp_loss`` ("process_mtp_loss"). verl's MTP postprocess follows the same split, and the
-split decides where MTP gradient leaks (DESIGN.md section 7.3). ``tests/test_grad_reach.py``
-re-measures both tables on a real model for the installed version.
+split decides which parameters the MTP loss sends gradient into (the two tables below).
+``tests/test_grad_reach.py`` re-measures both tables on a real model for the installed version.
 """
 
 from __future__ import annotations
