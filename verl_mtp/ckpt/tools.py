@@ -242,22 +242,17 @@ def render_result(result: WriteResult) -> str:
     lines = [f"wrote        {result.out} ({result.command}, {result.family}, {result.depths} MTP depth(s))"]
     for role, path in result.inputs.items():
         lines.append(f"{role.lower():<12} {path}")
-    if result.shards_new:
-        lines.append(f"new shards   {', '.join(result.shards_new)} ({result.tensors_written} tensor(s))")
-    if result.shards_rewritten:
-        lines.append(f"rewritten    {', '.join(result.shards_rewritten)}")
-    if result.shards_copied:
-        lines.append(f"copied       {', '.join(result.shards_copied)} (byte for byte)")
-    if result.shards_linked:
-        lines.append(f"hard-linked  {', '.join(result.shards_linked)}")
-    if result.tensors_replaced:
-        lines.append(f"replaced     {len(result.tensors_replaced)} MTP tensor(s)")
-    if result.tensors_added:
-        lines.append(f"added        {len(result.tensors_added)} MTP tensor(s)")
-    if result.config_changed:
-        lines.append("config.json  MTP depth count restored")
-    for note in result.notes:
-        lines.append(f"note         {note}")
+    rows = (
+        ("new shards", result.shards_new, f"{', '.join(result.shards_new)} ({result.tensors_written} tensor(s))"),
+        ("rewritten", result.shards_rewritten, ", ".join(result.shards_rewritten)),
+        ("copied", result.shards_copied, f"{', '.join(result.shards_copied)} (byte for byte)"),
+        ("hard-linked", result.shards_linked, ", ".join(result.shards_linked)),
+        ("replaced", result.tensors_replaced, f"{len(result.tensors_replaced)} MTP tensor(s)"),
+        ("added", result.tensors_added, f"{len(result.tensors_added)} MTP tensor(s)"),
+        ("config.json", result.config_changed, "MTP depth count restored"),
+    )
+    lines += [f"{label:<12} {text}" for label, shown, text in rows if shown]
+    lines += [f"note         {note}" for note in result.notes]
     return "\n".join(lines) + "\n"
 
 

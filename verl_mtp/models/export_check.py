@@ -25,20 +25,16 @@ rank's missing tensors.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections import Counter
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from verl_mtp.errors import VerlMtpError
+from verl_mtp.errors import VerlMtpError, report_loudly
 from verl_mtp.megatron.wrappers import unwrap_model
 from verl_mtp.models.families import MtpNaming, UnknownFamilyError, detect_family, hf_config_dict, with_depths
 from verl_mtp.models.head_spec import check_head, head_spec
-
-
-logger = logging.getLogger(__name__)
 
 
 class IncompleteMtpExportError(VerlMtpError, RuntimeError):
@@ -81,54 +77,76 @@ def check_mtp_export(
     ``expected``.
     """
     mtp = [n for n in exported_names if naming.is_mtp(n)]
-    problems = []
     twice = sorted(n for n, c in Counter(mtp).items() if c > 1)
-    if twice:
-        problems.append(f"exported more than once: {twice}")
+    problems = [f"exported more than once: {twice}"] if twice else []
     if expected is not None:
-        missing = sorted(set(expected) - set(mtp))
-        unexpected = sorted(set(mtp) - set(expected))
-        if missing:
-            problems.append(f"missing {len(missing)} MTP tensor(s): {missing}")
-        if unexpected:
-            problems.append(f"unexpected {len(unexpected)} MTP tensor(s): {unexpected}")
-        if not missing and not unexpected and len(mtp) != len(expected):
-            problems.append(f"{len(mtp)} MTP tensors exported, the model has {len(expected)}")
-    # Structural checks (also the only ones without an exact name list).
+        problems += _exact_problems(mtp, expected)
     keys = [naming.key(n) for n in mtp]
     found_depths = sorted({d for d, _ in keys if d is not None})
     if found_depths != list(range(depths)) and (expected is None or not problems):
         problems.append(f"MTP depths exported: {found_depths}, the model has depths {list(range(depths))}")
-    present = set(keys)
-    absent_core = [naming.name(k) for k in naming.required_keys() if k not in present] if depths else []
-    if absent_core and expected is None:
-        problems.append(f"missing core MTP tensor(s): {absent_core}")
-    if expected is None and depths and hf_config is not None:
-        # Without a bridge's exact list: every tensor the config's head has (by name; the
-        # tools of verl_mtp.ckpt check shapes too), unless the config cannot give the layout.
-        spec = head_spec(naming.family, hf_config, depths)
-        if spec.derivable:
-            lacking = [n for n in check_head(spec, naming, {k: None for k in present}).missing
-                       if n not in absent_core and naming.depth_of(n) in (None, *range(depths))]
-            lacking = [n for n in lacking if not n.endswith(".*")]  # whole depths: reported above
-            if lacking:
-                problems.append(f"missing MTP tensor(s) the config's head has: {lacking}")
-    if expected is None and not naming.family.projection_shared and depths > 1:
-        per_depth = {d: sorted(r for dd, r in keys if dd == d) for d in range(depths)}
-        reference = per_depth[0]
-        for d, rests in per_depth.items():
-            if rests != reference:
-                lacking = sorted(set(reference) - set(rests))
-                extra = sorted(set(rests) - set(reference))
-                problems.append(
-                    f"MTP depth {d} differs from depth 0: lacks {[naming.name((d, r)) for r in lacking]}, "
-                    f"has extra {[naming.name((d, r)) for r in extra]}"
-                )
+    if expected is None:
+        problems += _structural_problems(naming, depths, keys, hf_config)
     if problems:
         raise IncompleteMtpExportError(
             f"incomplete MTP {where} ({naming.family.title}, {depths} depth(s), "
             f"{len(mtp)} MTP tensors exported): " + "; ".join(problems)
         )
+
+
+def _exact_problems(mtp: list[str], expected: list[str]) -> list[str]:
+    """The exported MTP names against the exact list the bridge gives."""
+    problems = []
+    missing = sorted(set(expected) - set(mtp))
+    unexpected = sorted(set(mtp) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)} MTP tensor(s): {missing}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} MTP tensor(s): {unexpected}")
+    if not missing and not unexpected and len(mtp) != len(expected):
+        problems.append(f"{len(mtp)} MTP tensors exported, the model has {len(expected)}")
+    return problems
+
+
+def _structural_problems(naming: MtpNaming, depths: int, keys: list, hf_config: Optional[dict]) -> list[str]:
+    """Without an exact list: every core tensor, every tensor the config's head has (by name; the
+    tools of verl_mtp.ckpt check shapes too, unless the config cannot give the layout), and the
+    same tensors in every depth."""
+    problems = []
+    present = set(keys)
+    absent_core = [naming.name(k) for k in naming.required_keys() if k not in present] if depths else []
+    if absent_core:
+        problems.append(f"missing core MTP tensor(s): {absent_core}")
+    spec = head_spec(naming.family, hf_config, depths) if depths and hf_config is not None else None
+    if spec is not None and spec.derivable:
+        lacking = [n for n in check_head(spec, naming, {k: None for k in present}).missing
+                   if n not in absent_core and naming.depth_of(n) in (None, *range(depths))]
+        lacking = [n for n in lacking if not n.endswith(".*")]  # whole depths: reported above
+        if lacking:
+            problems.append(f"missing MTP tensor(s) the config's head has: {lacking}")
+    if not naming.family.projection_shared and depths > 1:
+        per_depth = {d: sorted(r for dd, r in keys if dd == d) for d in range(depths)}
+        for d, rests in per_depth.items():
+            if rests != per_depth[0]:
+                lacking = sorted(set(per_depth[0]) - set(rests))
+                extra = sorted(set(rests) - set(per_depth[0]))
+                problems.append(
+                    f"MTP depth {d} differs from depth 0: lacks {[naming.name((d, r)) for r in lacking]}, "
+                    f"has extra {[naming.name((d, r)) for r in extra]}"
+                )
+    return problems
+
+
+def _expected_names(models: list, bridge: Any, depths: int) -> Optional[list[str]]:
+    """The exact MTP names an export must hold, from a bridge that can name them
+    (``expected_mtp_hf_names``); None where it cannot (or this rank lacks the MTP block)."""
+    namer = getattr(bridge, "expected_mtp_hf_names", None)
+    if not callable(namer):
+        return None
+    if model_mtp_param_names(models):
+        all_names = [n for chunk in models for n in unwrap_model(chunk).state_dict().keys() if "_extra_state" not in n]
+        return sorted(set(namer(all_names)))
+    return [] if depths == 0 else None
 
 
 class MtpExportChecker:
@@ -149,22 +167,11 @@ class MtpExportChecker:
         self.config = config
         self.active = self.family is not None
         if not self.active and self.depths:
-            logger.warning(
-                "verl-mtp: %s of a model with %d MTP depth(s) is not checked for completeness: "
-                "config.json names no family verl-mtp knows (model_type=%r)", where, self.depths,
-                config.get("model_type"),
+            report_loudly(
+                f"{where} of a model with {self.depths} MTP depth(s) is not checked for completeness: "
+                f"config.json names no family verl-mtp knows (model_type={config.get('model_type')!r})"
             )
-        self.expected: Optional[list[str]] = None
-        mtp_params = model_mtp_param_names(models)
-        namer = getattr(bridge, "expected_mtp_hf_names", None)
-        if self.active and callable(namer):
-            if mtp_params:
-                all_names = [
-                    n for chunk in models for n in unwrap_model(chunk).state_dict().keys() if "_extra_state" not in n
-                ]
-                self.expected = sorted(set(namer(all_names)))
-            elif self.depths == 0:
-                self.expected = []
+        self.expected: Optional[list[str]] = _expected_names(models, bridge, self.depths) if self.active else None
         self.names: list[str] = []
 
     def observe(self, name: str) -> None:

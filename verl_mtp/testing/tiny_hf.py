@@ -132,6 +132,11 @@ def _attention(p: str, c: dict) -> dict:
     return out
 
 
+def _gated_mlp(p: str, inner: int, h: int) -> dict:
+    """A SwiGLU MLP's projections under ``p`` (dense, one expert or a shared expert)."""
+    return {f"{p}gate_proj.weight": (inner, h), f"{p}up_proj.weight": (inner, h), f"{p}down_proj.weight": (h, inner)}
+
+
 def _qwen_moe(p: str, c: dict) -> dict:
     h, f, experts, shared = c["hidden_size"], c["moe_intermediate_size"], c["num_experts"], c["shared_expert_intermediate_size"]
     out = {f"{p}mlp.gate.weight": (experts, h)}
@@ -139,17 +144,9 @@ def _qwen_moe(p: str, c: dict) -> dict:
         out.update({f"{p}mlp.experts.gate_up_proj": (experts, 2 * f, h), f"{p}mlp.experts.down_proj": (experts, h, f)})
     else:
         for e in range(experts):
-            out.update({
-                f"{p}mlp.experts.{e}.gate_proj.weight": (f, h),
-                f"{p}mlp.experts.{e}.up_proj.weight": (f, h),
-                f"{p}mlp.experts.{e}.down_proj.weight": (h, f),
-            })
-    out.update({
-        f"{p}mlp.shared_expert.gate_proj.weight": (shared, h),
-        f"{p}mlp.shared_expert.up_proj.weight": (shared, h),
-        f"{p}mlp.shared_expert.down_proj.weight": (h, shared),
-        f"{p}mlp.shared_expert_gate.weight": (1, h),
-    })
+            out.update(_gated_mlp(f"{p}mlp.experts.{e}.", f, h))
+    out.update(_gated_mlp(f"{p}mlp.shared_expert.", shared, h))
+    out[f"{p}mlp.shared_expert_gate.weight"] = (1, h)
     return out
 
 
@@ -158,22 +155,12 @@ def _mlp(p: str, c: dict, moe: bool) -> dict:
     if moe and "num_experts" in c:
         return _qwen_moe(p, c)
     if not moe:
-        f = c["intermediate_size"]
-        return {f"{p}mlp.gate_proj.weight": (f, h), f"{p}mlp.up_proj.weight": (f, h), f"{p}mlp.down_proj.weight": (h, f)}
+        return _gated_mlp(f"{p}mlp.", c["intermediate_size"], h)
     f, experts = c["moe_intermediate_size"], c["n_routed_experts"]
-    shared = f * c["n_shared_experts"]
     out = {f"{p}mlp.gate.weight": (experts, h), f"{p}mlp.gate.e_score_correction_bias": (experts,)}
     for e in range(experts):
-        out.update({
-            f"{p}mlp.experts.{e}.gate_proj.weight": (f, h),
-            f"{p}mlp.experts.{e}.up_proj.weight": (f, h),
-            f"{p}mlp.experts.{e}.down_proj.weight": (h, f),
-        })
-    out.update({
-        f"{p}mlp.shared_experts.gate_proj.weight": (shared, h),
-        f"{p}mlp.shared_experts.up_proj.weight": (shared, h),
-        f"{p}mlp.shared_experts.down_proj.weight": (h, shared),
-    })
+        out.update(_gated_mlp(f"{p}mlp.experts.{e}.", f, h))
+    out.update(_gated_mlp(f"{p}mlp.shared_experts.", f * c["n_shared_experts"], h))
     return out
 
 
