@@ -8,6 +8,7 @@ tensor-parallel gloo ranks (vocabulary slices).
 import pytest
 import torch
 
+from verl_mtp.megatron import tempered_log_probs as tempered
 from verl_mtp.megatron.tempered_log_probs import tempered_log_probs
 
 
@@ -28,9 +29,12 @@ def _reference(logits, labels, temperature, upstream):
     return log_probs.detach(), leaf.grad
 
 
+@pytest.mark.parametrize("rows_per_block", [None, 2])  # None: one block; 2: 11 blocks, the last ragged
 @pytest.mark.parametrize("with_temperature", [True, False])
-def test_matches_log_softmax_and_its_gradient_in_fp32(with_temperature):
+def test_matches_log_softmax_and_its_gradient_in_fp32(with_temperature, rows_per_block, monkeypatch):
     logits, labels, temperature, upstream = _inputs()
+    if rows_per_block:
+        monkeypatch.setattr(tempered, "_CPU_BLOCK_BYTES", 4 * logits.shape[-1] * rows_per_block)
     temperature = temperature if with_temperature else None
     expected, expected_grad = _reference(logits, labels, temperature, upstream)
     leaf = logits.clone().requires_grad_()
@@ -58,6 +62,23 @@ def test_gradient_is_not_shared_with_the_logits_storage():
     before = leaf.detach().clone()
     (tempered_log_probs(leaf, labels, temperature) * upstream).sum().backward()
     assert torch.equal(leaf.detach(), before)  # the in-place backward works on its own fp32 copy
+
+
+def test_keeps_no_fp32_copy_of_the_vocabulary_for_backward():
+    # what autograd holds between forward and backward: the bf16 logits and per-token vectors only
+    logits, labels, temperature, _ = _inputs(dtype=torch.bfloat16, s=64, b=2, vocab=512)
+    leaf = logits.clone().requires_grad_()
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        tempered_log_probs(leaf, labels, temperature)
+    vocabulary_sized = [t for t in saved if t.dim() and t.shape[-1] == logits.shape[-1]]
+    assert [t.dtype for t in vocabulary_sized] == [torch.bfloat16]
+    assert sum(t.numel() * t.element_size() for t in saved) < 1.1 * logits.numel() * logits.element_size()
 
 
 @pytest.mark.slow
