@@ -152,27 +152,27 @@ def _mtp_wanted() -> bool:
     return torch.is_grad_enabled() or getattr(_slot, "score_without_grad", 0) > 0
 
 
-def _main_logits_only(self, kw):
-    output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-    if not self.post_process:
-        return kw["hidden_states"]
-    logits, _ = self.output_layer(kw["hidden_states"], weight=output_weight, runtime_gather_output=kw.get("runtime_gather_output"))
+def _output_weight(model):
+    return model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+
+
+def _main_logits(model, hidden, output_weight, kw):
+    logits, _ = model.output_layer(hidden, weight=output_weight, runtime_gather_output=kw.get("runtime_gather_output"))
     return logits.transpose(0, 1).contiguous()
 
 
-def mtp_postprocess(self, **kw):
-    """``GPTModel._postprocess`` with verl-mtp's MTP loss (megatron calls it with keywords only)."""
-    _slot.pending = None  # a stash never outlives the forward that made it
-    labels = kw.get("labels")
-    if not (kw.get("mtp_in_postprocess") and labels is not None and self.config.mtp_num_layers):
-        return self._verl_mtp_stock_postprocess(**kw)
-    if not _mtp_wanted():
-        return _main_logits_only(self, kw)
+def _main_logits_only(self, kw):
+    if not self.post_process:
+        return kw["hidden_states"]
+    return _main_logits(self, kw["hidden_states"], _output_weight(self), kw)
 
+
+def _run_mtp_block(model, kw):
+    """The MTP block over the trunk's hidden states: [main; depth 1; ...; depth K] along the sequence."""
     block_kwargs = dict(kw.get("extra_block_kwargs") or {})
-    if "padding_mask" in self._verl_mtp_block_params:
+    if "padding_mask" in model._verl_mtp_block_params:
         block_kwargs["padding_mask"] = kw.get("padding_mask")
-    hidden_states = self.mtp(
+    return model.mtp(
         input_ids=kw["input_ids"],
         position_ids=kw["position_ids"],
         hidden_states=kw["hidden_states"],
@@ -183,46 +183,62 @@ def mtp_postprocess(self, **kw):
         rotary_pos_sin=kw.get("rotary_pos_sin"),
         packed_seq_params=kw.get("packed_seq_params"),
         sequence_len_offset=kw.get("sequence_len_offset"),
-        embedding=self.embedding,
+        embedding=model.embedding,
         **block_kwargs,
     )
+
+
+def _attach_ce_losses(model, plan: MtpForwardPlan, chunks, kw, output_weight, cp_group):
+    """ce: each depth's cross-entropy attached to the main hidden states; (main hidden, agree, valid)."""
+    from verl_mtp.megatron.mtp_log_probs import add_mtp_ce_losses
+
+    packed_seq_params = kw.get("packed_seq_params")
+    factor = getattr(packed_seq_params, _VERL_NORMALIZATION_FACTOR_ATTR, None)
+    per_token = bool(model.config.calculate_per_token_loss)
+    scales = plan.ce_depth_scales
+    if per_token and factor is not None:  # as verl's postprocess: normalise against routed tokens
+        scales = tuple(s * factor for s in scales)
+    use_mup = getattr(model.config, "use_mup", False) and hasattr(model, "_scale_logits")
+    return add_mtp_ce_losses(
+        chunks[0],
+        chunks[1:],
+        kw["labels"],
+        kw.get("loss_mask"),
+        output_layer=model.output_layer,
+        output_weight=output_weight,
+        compute_language_model_loss=model.compute_language_model_loss,
+        depth_scales=scales,
+        per_token_loss=per_token,
+        record=_record_ce_loss(model),
+        detach_output_layer=plan.detach_output_layer,
+        scale_logits_fn=model._scale_logits if use_mup else None,
+        cp_group=cp_group,
+        packed_seq_params=packed_seq_params,
+        runtime_gather_output=kw.get("runtime_gather_output"),
+        chunk_tokens=plan.chunk_tokens,
+    )
+
+
+def mtp_postprocess(self, **kw):
+    """``GPTModel._postprocess`` with verl-mtp's MTP loss (megatron calls it with keywords only)."""
+    _slot.pending = None  # a stash never outlives the forward that made it
+    labels = kw.get("labels")
+    if not (kw.get("mtp_in_postprocess") and labels is not None and self.config.mtp_num_layers):
+        return self._verl_mtp_stock_postprocess(**kw)
+    if not _mtp_wanted():
+        return _main_logits_only(self, kw)
+    hidden_states = _run_mtp_block(self, kw)
     if not self.post_process:
         return hidden_states
     plan = forward_plan(self)
     packed_seq_params = kw.get("packed_seq_params")
     cp_group = _cp_group(self, packed_seq_params)
     chunks = torch.chunk(hidden_states, 1 + self.config.mtp_num_layers, dim=0)
-    output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+    output_weight = _output_weight(self)
     main_hidden, agree, valid = chunks[0], None, None
     if plan.loss_type == "ce":
-        from verl_mtp.megatron.mtp_log_probs import add_mtp_ce_losses
-
-        factor = getattr(packed_seq_params, _VERL_NORMALIZATION_FACTOR_ATTR, None)
-        per_token = bool(self.config.calculate_per_token_loss)
-        scales = plan.ce_depth_scales
-        if per_token and factor is not None:  # as verl's postprocess: normalise against routed tokens
-            scales = tuple(s * factor for s in scales)
-        use_mup = getattr(self.config, "use_mup", False) and hasattr(self, "_scale_logits")
-        main_hidden, agree, valid = add_mtp_ce_losses(
-            main_hidden,
-            chunks[1:],
-            labels,
-            kw.get("loss_mask"),
-            output_layer=self.output_layer,
-            output_weight=output_weight,
-            compute_language_model_loss=self.compute_language_model_loss,
-            depth_scales=scales,
-            per_token_loss=per_token,
-            record=_record_ce_loss(self),
-            detach_output_layer=plan.detach_output_layer,
-            scale_logits_fn=self._scale_logits if use_mup else None,
-            cp_group=cp_group,
-            packed_seq_params=packed_seq_params,
-            runtime_gather_output=kw.get("runtime_gather_output"),
-            chunk_tokens=plan.chunk_tokens,
-        )
-    logits, _ = self.output_layer(main_hidden, weight=output_weight, runtime_gather_output=kw.get("runtime_gather_output"))
-    logits = logits.transpose(0, 1).contiguous()
+        main_hidden, agree, valid = _attach_ce_losses(self, plan, chunks, kw, output_weight, cp_group)
+    logits = _main_logits(self, main_hidden, output_weight, kw)
     _put(
         _PendingMtp(
             model=self,
