@@ -116,6 +116,38 @@ def _ckpt(args: argparse.Namespace) -> int:
     return 0
 
 
+_LINK = ("--link", dict(action="store_true", help="hard-link unchanged shards instead of copying them"))
+
+# (command, help, description, positional arguments as (name, help), options as (flag, add_argument keywords))
+_CKPT_COMMANDS = (
+    (
+        "inspect", "list the MTP tensors and check the head is complete",
+        "Print the family, declared MTP depths, the MTP tensors per depth and whether the head is "
+        "complete. Exit 0 complete, 1 incomplete, 2 unreadable checkpoint.",
+        (("dir", "checkpoint directory (config.json + safetensors)"),), (),
+    ),
+    (
+        "extract", "write the MTP head (+ embedding, lm_head) as a checkpoint of its own",
+        "Write SRC's MTP tensors and the trunk tensors a drafter shares (embedding, lm_head) to OUT "
+        "as sharded safetensors with an index, a copy of config.json and mtp_extract.json.",
+        (("src", None), ("out", None)),
+        (("--max-shard-size", dict(default="5GB", help="largest output shard (default 5GB)")),),
+    ),
+    (
+        "stitch", "copy VERIFIER with its MTP tensors replaced by DONOR's",
+        "Write OUT = VERIFIER with every MTP tensor taken from DONOR (same family, names, shapes, "
+        "dtypes; DONOR may be an `extract` output). Shards without MTP tensors are copied unchanged.",
+        (("verifier", None), ("donor", None), ("out", None)), (_LINK,),
+    ),
+    (
+        "graft", "put BASE's MTP head into an RL-trained checkpoint",
+        "Write OUT = RL with BASE's MTP head: RL's MTP tensors are replaced, dropped ones are added as "
+        "a new shard, and a dropped MTP depth key is restored in config.json.",
+        (("base", None), ("rl", None), ("out", None)), (_LINK,),
+    ),
+)
+
+
 def _add_ckpt_parser(sub) -> None:
     ckpt = sub.add_parser(
         "ckpt",
@@ -125,55 +157,18 @@ def _add_ckpt_parser(sub) -> None:
     )
     cmds = ckpt.add_subparsers(dest="ckpt_command", metavar="{inspect,extract,stitch,graft}")
     ckpt.set_defaults(func=_usage_error(ckpt))
-
-    def common(p, writes=True):
+    for name, help_text, description, positionals, options in _CKPT_COMMANDS:
+        p = cmds.add_parser(name, help=help_text, description=description)
+        for arg, arg_help in positionals:
+            p.add_argument(arg, help=arg_help)
+        for flag, keywords in options:
+            p.add_argument(flag, **keywords)
         p.add_argument("--json", action="store_true", help="print the report as JSON")
-        if writes:
+        if name != "inspect":  # the commands that write a checkpoint
             p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
             p.add_argument("--allow-incomplete-head", action="store_true",
                            help="carry an MTP head with missing, unexpected or misshapen tensors as it is "
                            "(refused otherwise; `inspect` lists the problems)")
-
-    inspect = cmds.add_parser(
-        "inspect", help="list the MTP tensors and check the head is complete",
-        description="Print the family, declared MTP depths, the MTP tensors per depth and whether the head is "
-        "complete. Exit 0 complete, 1 incomplete, 2 unreadable checkpoint.",
-    )
-    inspect.add_argument("dir", help="checkpoint directory (config.json + safetensors)")
-    common(inspect, writes=False)
-
-    extract = cmds.add_parser(
-        "extract", help="write the MTP head (+ embedding, lm_head) as a checkpoint of its own",
-        description="Write SRC's MTP tensors and the trunk tensors a drafter shares (embedding, lm_head) to OUT "
-        "as sharded safetensors with an index, a copy of config.json and mtp_extract.json.",
-    )
-    extract.add_argument("src")
-    extract.add_argument("out")
-    extract.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    common(extract)
-
-    stitch = cmds.add_parser(
-        "stitch", help="copy VERIFIER with its MTP tensors replaced by DONOR's",
-        description="Write OUT = VERIFIER with every MTP tensor taken from DONOR (same family, names, shapes, "
-        "dtypes; DONOR may be an `extract` output). Shards without MTP tensors are copied unchanged.",
-    )
-    stitch.add_argument("verifier")
-    stitch.add_argument("donor")
-    stitch.add_argument("out")
-    stitch.add_argument("--link", action="store_true", help="hard-link unchanged shards instead of copying them")
-    common(stitch)
-
-    graft = cmds.add_parser(
-        "graft", help="put BASE's MTP head into an RL-trained checkpoint",
-        description="Write OUT = RL with BASE's MTP head: RL's MTP tensors are replaced, dropped ones are added as "
-        "a new shard, and a dropped MTP depth key is restored in config.json.",
-    )
-    graft.add_argument("base")
-    graft.add_argument("rl")
-    graft.add_argument("out")
-    graft.add_argument("--link", action="store_true", help="hard-link unchanged shards instead of copying them")
-    common(graft)
-    for p in (inspect, extract, stitch, graft):
         p.set_defaults(func=_ckpt)
 
 
