@@ -19,8 +19,8 @@ from verl_mtp.config import (
     MtpConfigError,
     as_extended,
     detect_mtp_depths,
-    validate_mtp_run_config,
 )
+from verl_mtp.run_checks import validate_mtp_run_config
 
 # --- regime resolution ---------------------------------------------------------------------
 

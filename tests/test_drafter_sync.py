@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import verl_mtp.rollout.drafter_sync as ds
-from verl_mtp.config import ExtendedMtpConfig, MtpConfigError, validate_mtp_run_config
+from verl_mtp.config import ExtendedMtpConfig, MtpConfigError
 from verl_mtp.rollout.drafter_sync import (
     METRIC_CHECKED_FRACTION,
     METRIC_IN_SYNC,
@@ -34,6 +34,7 @@ from verl_mtp.rollout.drafter_sync import (
     fingerprint_tensor,
     mtp_tensor_classifier,
 )
+from verl_mtp.run_checks import validate_mtp_run_config
 from verl_mtp.testing.tiny_hf import tiny_config
 
 DTYPES = [torch.bfloat16, torch.float32]
@@ -98,7 +99,7 @@ def test_a_tensor_split_into_contiguous_pieces_has_the_fingerprint_of_the_whole(
         with pytest.raises(ValueError, match="16-bit words|2-byte word"):
             fingerprint_pieces([(0, flat[:21]), (21, flat[21:])], dtype=dtype, shape=whole.shape)
     # the reduction is chunked on the device; the chunk size must not matter
-    monkeypatch.setattr(ds, "_CHUNK_WORDS", 5)
+    monkeypatch.setattr(ds.fingerprint, "_CHUNK_WORDS", 5)
     assert fingerprint_tensor(whole) == expected
 
 
@@ -766,8 +767,7 @@ def test_the_verdict_travels_from_the_trainer_worker_to_the_driver_step_metrics(
         return None
 
     worker_update = _worker_update_weights_returning_drafter_metrics(stock_update_weights)
-    ds._latest_metrics.clear()
-    ds._latest_metrics[METRIC_IN_SYNC] = 0.0
+    ds.DRAFTER_METRICS.post({METRIC_IN_SYNC: 0.0})
     leader = asyncio.run(worker_update(None, global_steps=3, mode="naive"))
     assert leader == {METRIC_IN_SYNC: 0.0}
     assert asyncio.run(worker_update(None, global_steps=3, mode="naive")) is None  # not twice

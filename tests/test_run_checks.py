@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from verl_mtp.config import MtpConfigError, validate_mtp_run_config
+from verl_mtp.config import MtpConfigError
+from verl_mtp.run_checks import validate_mtp_run_config
 from verl_mtp.tools.explain import compose_run_config
 
 OCC = [

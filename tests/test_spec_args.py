@@ -4,7 +4,7 @@ The argument dicts are checked against the engines' own config classes when they
 here (vLLM ``vllm.config.SpeculativeConfig``, SGLang ``sglang.srt.server_args.ServerArgs``), and
 otherwise against ``tests/data/engine_schema.json``: the field names, types and choices of those
 classes as derived from the source of vLLM 0.24.0 and SGLang 0.5.12 (the versions verl 0.9.1 pins)
-by ``verl_mtp.rollout.engine_schema``. CI installs neither engine, so CI runs the schema path. The
+by ``verl_mtp.testing.engine_schema``. CI installs neither engine, so CI runs the schema path. The
 engines themselves (GPU runtimes) are never started: what the engine would do with the arguments
 at start-up is what spec_args encodes from the engines' source, and is what these tests pin down.
 """
@@ -17,9 +17,9 @@ from importlib import metadata
 
 import pytest
 
-from verl_mtp.config import ExtendedMtpConfig, MtpConfigError, validate_mtp_run_config
+from verl_mtp.config import ExtendedMtpConfig, MtpConfigError
 from verl_mtp.models import detect_family
-from verl_mtp.rollout import engine_schema
+from verl_mtp.testing import engine_schema
 from verl_mtp.rollout.spec_args import (
     ENGINE_FACTS,
     PINNED_ENGINE_VERSIONS,
@@ -32,6 +32,7 @@ from verl_mtp.rollout.spec_args import (
     verl_keeps_vllm_drafter_on_sleep,
     vllm_method_choices,
 )
+from verl_mtp.run_checks import validate_mtp_run_config
 
 SCHEMA = engine_schema.load_schema()
 

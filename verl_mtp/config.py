@@ -3,8 +3,13 @@
 ``ExtendedMtpConfig`` subclasses verl's ``MtpConfig`` so every existing field and every
 ``isinstance`` check keeps working. The plugin (``verl_mtp.patches``) makes verl build this class
 on both of its config-to-dataclass paths. Validation happens in ``__post_init__`` so a bad value
-fails wherever the config is first turned into a dataclass; ``validate_mtp_run_config`` adds the
-checks that need the whole run config (strategy, model checkpoint) and runs in the driver.
+fails wherever the config is first turned into a dataclass; ``verl_mtp.run_checks`` adds the
+checks that need the whole run config (strategy, model checkpoint, rollout engine) in the driver.
+
+This module is the floor the rest of verl-mtp stands on: it holds every choice tuple, the derived
+switches modules read (``uses_occ``, ``speculative_rollout``, ...), the one dotted-key reader
+``select`` and the one flat-fields-to-typed-object mapping ``section``; it imports nothing from
+``verl_mtp.rollout``, the patch layer or ``run_checks``.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Optional
 
+from omegaconf.errors import MissingMandatoryValue
+
 from verl_mtp.errors import MtpConfigError, invalid_value
 from verl_mtp.models.families import DEPTH_KEYS, mtp_depths
-# drafter_sync_check's choices: auto | raise | warn (+ speculation off for the next step) | off
-from verl_mtp.rollout.drafter_sync import DRAFTER_SYNC_CHECKS
 
 # verl's own class; after the plugin is active, verl.workers.config.MtpConfig names the subclass below.
 from verl.workers.config.model import MtpConfig as VerlMtpConfig
@@ -35,8 +40,33 @@ OCC_ON_POLICY_COEFS = ("previous", "zero", "fixed")
 # Which tokens OCC's sums run over: each micro-batch across data-parallel ranks (free; the paper's
 # cost) or the whole global mini-batch (exact; one extra no-grad forward of the mini-batch).
 OCC_SCOPES = ("micro_batch", "mini_batch")
+# drafter_sync_check: auto (default: raise where verl-mtp can verify the drafter, i.e. vLLM; where it
+# cannot, e.g. SGLang or delta_sharded, run unverified after one loud config-time warning) | raise
+# (refuse such a run) | warn (+ speculation off for the next step) | off.
+DRAFTER_SYNC_CHECKS = ("auto", "raise", "warn", "off")
+# actor_rollout_ref.actor.strategy values MTP runs on, and rollout.name values with MTP speculation.
+SUPPORTED_STRATEGIES = ("megatron",)
+SPECULATIVE_ENGINES = ("vllm", "sglang")
 
 MTP_KEY_PREFIX = "actor_rollout_ref.model.mtp"
+
+
+def select(cfg: Any, dotted: str, default: Any = None) -> Any:
+    """``cfg.<dotted>`` in a run config (OmegaConf node, dict, dataclass or plain object), or
+    ``default`` when a key on the way is missing, unset (``???``) or None.
+
+    Only a missing key falls back; any other error (an interpolation that does not resolve, a
+    list where a mapping was expected) propagates, so a broken config is not read as a default.
+    """
+    node = cfg
+    for part in dotted.split("."):
+        if node is None:
+            return default
+        try:
+            node = node.get(part) if hasattr(node, "get") else getattr(node, part)
+        except (AttributeError, KeyError, MissingMandatoryValue):
+            return default
+    return default if node is None else node
 
 
 def _error(key: str, value: Any, expected: str) -> MtpConfigError:
@@ -279,9 +309,52 @@ class ExtendedMtpConfig(VerlMtpConfig):
             raise _error("adaptive_speculation", True, "it needs speculative rollout; set enable=True and "
                          "enable_rollout=True, or adaptive_speculation=False")
 
+    # --- derived switches: what the settings above mean, computed once here -------------------
+
     @property
     def is_training(self) -> bool:
         return self.mtp_training_mode != "disabled"
+
+    @property
+    def uses_rl_loss(self) -> bool:
+        """The MTP head trains on the actor's policy loss (``mtp_loss_type=rl``)."""
+        return self.enable_train and self.mtp_loss_type == "rl"
+
+    @property
+    def uses_occ(self) -> bool:
+        """OCC calibrates the MTP coefficient (rl loss with ``mtp_coef_mode=occ``)."""
+        return self.uses_rl_loss and self.mtp_coef_mode == "occ"
+
+    @property
+    def needs_occ_prepass(self) -> bool:
+        """OCC over the whole mini-batch: one extra no-grad forward before each update."""
+        return self.uses_occ and self.occ_scope == "mini_batch"
+
+    @property
+    def occ_per_micro_batch(self) -> bool:
+        """OCC's sums are taken in each micro-batch's loss (no pre-pass)."""
+        return self.uses_occ and self.occ_scope == "micro_batch"
+
+    @property
+    def speculative_rollout(self) -> bool:
+        """The rollout engine drafts with the MTP head."""
+        return bool(self.enable and self.enable_rollout)
+
+    @property
+    def checks_drafter_sync(self) -> bool:
+        """The drafter is fingerprinted after every weight sync."""
+        return self.speculative_rollout and self.drafter_sync_check != "off"
+
+    @property
+    def logs_spec_step_metrics(self) -> bool:
+        """Exact per-step speculative-decoding metrics are logged."""
+        return self.speculative_rollout and bool(self.spec_step_metrics)
+
+    def section(self, prefix: str) -> dict[str, Any]:
+        """The fields named ``<prefix><name>``, as ``{name: value}``: the one mapping from this flat
+        config to the typed settings objects of the features (``SomeSettings(**mtp.section("x_"))``).
+        A field added under ``prefix`` without a matching parameter fails loudly there."""
+        return {f.name[len(prefix):]: getattr(self, f.name) for f in fields(self) if f.name.startswith(prefix)}
 
     def step_weights(self, num_depths: int) -> list[float]:
         """Loss weight of each depth k = 1..num_depths: beta**(k-1)."""
@@ -335,7 +408,6 @@ def as_extended(mtp_config: Any) -> ExtendedMtpConfig:
 
 # --- MTP depth detection from a Hugging Face config ------------------------------------------
 
-# Where each model family records its MTP depth count (DESIGN.md section 6).
 def detect_mtp_depths(hf_config: Any) -> int:
     """Number of MTP depths a Hugging Face config declares (0 if none).
 
@@ -376,98 +448,3 @@ def resolve_mtp_depths(mtp: ExtendedMtpConfig, checkpoint_depths: int) -> int:
         )
     return mtp.mtp_num_layers
 
-
-# --- whole-run validation (driver side) -------------------------------------------------------
-
-SUPPORTED_STRATEGIES = ("megatron",)
-
-
-def _select(cfg: Any, dotted: str, default: Any = None) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        if node is None:
-            return default
-        try:
-            node = node.get(part) if hasattr(node, "get") else getattr(node, part)
-        except Exception:
-            return default
-    return default if node is None else node
-
-
-def resolve_run_depths(config: Any, mtp: ExtendedMtpConfig) -> tuple[Optional[int], str]:
-    """MTP depths a run will use and where that number comes from.
-
-    Reads the checkpoint's ``config.json`` when the model path is local; otherwise the workers
-    check it when they load the model (``check_mtp_config``), and the depth stays unknown here.
-    """
-    if not mtp.enable:
-        return None, "MTP disabled"
-    model_path = _select(config, "actor_rollout_ref.model.hf_config_path") or _select(
-        config, "actor_rollout_ref.model.path"
-    )
-    hf_config = read_local_hf_config(model_path) if model_path else None
-    if hf_config is None:
-        return mtp.mtp_num_layers, f"not checked here: {model_path} has no local config.json (the workers check it)"
-    found = detect_mtp_depths(hf_config)
-    depths = resolve_mtp_depths(mtp, found)
-    source = f"{model_path}/config.json declares {found}"
-    if mtp.mtp_num_layers is not None:
-        source += f"; mtp_num_layers={mtp.mtp_num_layers} overrides"
-    return depths, source
-
-
-def validate_mtp_run_config(config: Any) -> ExtendedMtpConfig:
-    """Validate the MTP part of a full verl run config; return the resolved MTP config.
-
-    Raises MtpConfigError naming the key, the bad value and the valid choices.
-    """
-    mtp = as_extended(_select(config, "actor_rollout_ref.model.mtp"))
-    if not mtp.enable:
-        return mtp
-    strategy = _select(config, "actor_rollout_ref.actor.strategy")
-    if strategy not in SUPPORTED_STRATEGIES:
-        raise MtpConfigError(
-            f"{MTP_KEY_PREFIX}.enable=True needs the Megatron engine, but actor_rollout_ref.actor.strategy="
-            f"{strategy!r}; valid choices are {', '.join(SUPPORTED_STRATEGIES)} "
-            f"(use verl's ppo_megatron_trainer config or model_engine=megatron)"
-        )
-    if mtp.enable_rollout:
-        from verl_mtp.rollout.spec_args import plan_speculative_rollout
-
-        # The engine's speculative arguments for the model family and engine version.
-        plan_speculative_rollout(config, mtp)
-        from verl_mtp.rollout.drafter_sync import check_drafter_sync_run_config
-
-        check_drafter_sync_run_config(config, mtp)
-    resolve_run_depths(config, mtp)
-    _check_distillation(config, mtp)
-    from verl_mtp.run_checks import check_run
-
-    check_run(config, mtp)  # the update schedule and parallel layout OCC needs
-    return mtp
-
-
-def _check_distillation(config: Any, mtp: ExtendedMtpConfig) -> None:
-    # verl's distillation loss calls ppo_loss (which carries the MTP term) only when task rewards
-    # are used, and its top-k path runs the loss function as a logits processor in the forward.
-    if mtp.mtp_loss_type != "rl" or not _select(config, "distillation.enabled", False):
-        return
-    if not _select(config, "distillation.distillation_loss.use_task_rewards", True):
-        raise MtpConfigError(
-            f"{MTP_KEY_PREFIX}.mtp_loss_type='rl' is invalid with distillation.enabled=True and "
-            f"distillation.distillation_loss.use_task_rewards=False: verl's distillation loss then drops the "
-            f"policy loss, and the MTP policy-loss term with it; valid choices are mtp_loss_type=ce, or "
-            f"use_task_rewards=True"
-        )
-    if mtp.mtp_coef_mode == "occ" and mtp.occ_scope == "mini_batch":
-        raise MtpConfigError(
-            f"{MTP_KEY_PREFIX}.occ_scope='mini_batch' is not supported with distillation.enabled=True (the "
-            f"pre-pass cannot stand in for the distillation loss's top-k logits processor); valid choices "
-            f"here are occ_scope=micro_batch, or mtp_coef_mode=fixed"
-        )
-
-
-# When this module was imported before verl, its own `import verl` above loaded the plugin while
-# ExtendedMtpConfig did not exist yet; the plugin deferred the config patch to this point.
-if "verl_mtp.plugin" in sys.modules:
-    sys.modules["verl_mtp.plugin"].apply_patches()

@@ -61,14 +61,8 @@ class AdaptivePolicyConfig:
 
     @classmethod
     def from_mtp(cls, mtp: Any) -> "AdaptivePolicyConfig":
-        return cls(
-            probe_interval=mtp.adaptive_spec_probe_interval,
-            probe_steps=mtp.adaptive_spec_probe_steps,
-            min_gain=mtp.adaptive_spec_min_gain,
-            hysteresis=mtp.adaptive_spec_hysteresis,
-            min_dwell_steps=mtp.adaptive_spec_min_dwell_steps,
-            window=mtp.adaptive_spec_window,
-        )
+        """From the ``mtp.adaptive_spec_*`` fields."""
+        return cls(**mtp.section("adaptive_spec_"))
 
     @property
     def off_threshold(self) -> float:

@@ -41,14 +41,16 @@ from typing import Any, Mapping, Optional
 
 from packaging.version import Version
 
-SPECULATIVE_ENGINES = ("vllm", "sglang")
+from verl_mtp.config import MTP_KEY_PREFIX, SPECULATIVE_ENGINES, read_local_hf_config, select
+from verl_mtp.errors import MtpConfigError, invalid_value
 
 # The engine versions verl 0.9.1 installs with its [vllm] / [sglang] extras. The arguments are
 # built for these when the engine is not installed where the config is checked (the driver).
 PINNED_ENGINE_VERSIONS = {"vllm": "0.24.0", "sglang": "0.5.12"}
 
 ROLLOUT_KEY = "actor_rollout_ref.rollout"
-MTP_KEY = "actor_rollout_ref.model.mtp"
+VLLM_SPEC_KEY = f"{ROLLOUT_KEY}.engine_kwargs.vllm.speculative_config"
+SGLANG_KWARGS_KEY = f"{ROLLOUT_KEY}.engine_kwargs.sglang"
 
 # vLLM: the first version whose SpeculativeConfig has the generic "mtp" method and rewrites the
 # family names to it. verl 0.9.1 loads actor weights into the drafter only when the engine's method
@@ -151,13 +153,6 @@ ENGINE_FACTS: dict[str, FamilyEngineFacts] = {
 }
 
 
-def _fail(key: str, value: Any, expected: str):
-    # Imported here: verl_mtp.config imports this module.
-    from verl_mtp.config import MtpConfigError
-
-    raise MtpConfigError(f"{key}={value!r} is invalid: {expected}")
-
-
 # --- engine version -------------------------------------------------------------------------------
 
 
@@ -241,21 +236,19 @@ def _plain(value: Any) -> Any:
 
 
 def _read_rollout(config: Any) -> _Rollout:
-    from verl_mtp.config import _select, read_local_hf_config
-
-    engine = _select(config, f"{ROLLOUT_KEY}.name")
-    model_path = _select(config, "actor_rollout_ref.model.hf_config_path") or _select(
+    engine = select(config, f"{ROLLOUT_KEY}.name")
+    model_path = select(config, "actor_rollout_ref.model.hf_config_path") or select(
         config, "actor_rollout_ref.model.path"
     )
-    kwargs = _plain(_select(config, f"{ROLLOUT_KEY}.engine_kwargs.{engine}", {})) if engine else {}
+    kwargs = _plain(select(config, f"{ROLLOUT_KEY}.engine_kwargs.{engine}", {})) if engine else {}
     return _Rollout(
         engine=engine,
         engine_kwargs=dict(kwargs or {}),
         model_path=str(model_path) if model_path else None,
         hf_config=read_local_hf_config(model_path) if model_path else None,
-        free_cache_engine=bool(_select(config, f"{ROLLOUT_KEY}.free_cache_engine", True)),
-        checkpoint_backend=str(_select(config, f"{ROLLOUT_KEY}.checkpoint_engine.backend", "naive")),
-        max_num_seqs=_select(config, f"{ROLLOUT_KEY}.max_num_seqs"),
+        free_cache_engine=bool(select(config, f"{ROLLOUT_KEY}.free_cache_engine", True)),
+        checkpoint_backend=str(select(config, f"{ROLLOUT_KEY}.checkpoint_engine.backend", "naive")),
+        max_num_seqs=select(config, f"{ROLLOUT_KEY}.max_num_seqs"),
     )
 
 
@@ -267,7 +260,7 @@ def plan_speculative_rollout(
 ) -> Optional[SpeculativePlan]:
     """Check and build the engine's speculative arguments for a full run config; None when MTP
     speculative rollout is off. ``version`` overrides the detected engine version (tests)."""
-    if not (mtp.enable and mtp.enable_rollout):
+    if not mtp.speculative_rollout:
         return None
     rollout = _read_rollout(config)
     return _plan(mtp, rollout, version)
@@ -277,7 +270,7 @@ def speculative_engine_args(
     mtp: Any, engine: str, engine_kwargs: Mapping | None = None, hf_config: Optional[dict] = None
 ) -> dict[str, Any]:
     """Only the engine arguments (``{}`` when off), for callers without a full run config."""
-    if not (mtp.enable and mtp.enable_rollout):
+    if not mtp.speculative_rollout:
         return {}
     rollout = _Rollout(
         engine=engine, engine_kwargs=dict(_plain(engine_kwargs) or {}), model_path=None, hf_config=hf_config,
@@ -288,10 +281,8 @@ def speculative_engine_args(
 
 def _plan(mtp: Any, rollout: _Rollout, version: Optional[EngineVersion]) -> SpeculativePlan:
     if rollout.engine not in SPECULATIVE_ENGINES:
-        from verl_mtp.config import MtpConfigError
-
         raise MtpConfigError(
-            f"{MTP_KEY}.enable_rollout=True needs a rollout engine with MTP speculative decoding, but "
+            f"{MTP_KEY_PREFIX}.enable_rollout=True needs a rollout engine with MTP speculative decoding, but "
             f"{ROLLOUT_KEY}.name={rollout.engine!r}; valid choices are {', '.join(SPECULATIVE_ENGINES)}"
         )
     version = version or detect_engine_version(rollout.engine)
@@ -328,7 +319,7 @@ def _family_of(hf_config: Optional[dict]) -> tuple[Optional[str], Optional[int]]
 
 def _check_positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(key, value, "expected an integer >= 1")
+        raise MtpConfigError(invalid_value(key, value, "expected an integer >= 1"))
     return value
 
 
@@ -366,7 +357,6 @@ def _vllm_n_predict(hf_config: Optional[dict], family: Optional[str]) -> Optiona
 
 
 def _vllm_user_spec(rollout: _Rollout) -> dict[str, Any]:
-    key = f"{ROLLOUT_KEY}.engine_kwargs.vllm.speculative_config"
     spec = rollout.engine_kwargs.get("speculative_config")
     if spec is None:
         return {}
@@ -374,122 +364,165 @@ def _vllm_user_spec(rollout: _Rollout) -> dict[str, Any]:
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError as exc:
-            _fail(key, spec, f"expected a mapping or a JSON object ({exc})")
+            raise MtpConfigError(invalid_value(VLLM_SPEC_KEY, spec, f"expected a mapping or a JSON object ({exc})"))
     if not isinstance(spec, Mapping):
-        _fail(key, spec, "expected a mapping of vLLM SpeculativeConfig fields")
+        raise MtpConfigError(invalid_value(VLLM_SPEC_KEY, spec, "expected a mapping of vLLM SpeculativeConfig fields"))
     # verl drops null entries before merging them over the MTP values.
     return {k: v for k, v in spec.items() if v is not None}
 
 
-def _plan_vllm(mtp: Any, rollout: _Rollout, plan: SpeculativePlan) -> None:
-    version, family, depths = plan.version, plan.family, plan.depths
-    user = _vllm_user_spec(rollout)
-    user_key = f"{ROLLOUT_KEY}.engine_kwargs.vllm.speculative_config"
-    # Errors name the key the value came from: engine_kwargs win over mtp.* in verl's merge.
-    method_key = f"{user_key if 'method' in user else MTP_KEY}.method"
-    tokens_key = f"{user_key if 'num_speculative_tokens' in user else MTP_KEY}.num_speculative_tokens"
-    method = user.get("method", mtp.method)
-    tokens = user.get("num_speculative_tokens", mtp.num_speculative_tokens)
+@dataclass(frozen=True)
+class _VllmRequest:
+    """The method and token count vLLM will get, and the keys they came from: engine_kwargs win
+    over mtp.* in verl's merge, so errors name the key the value came from."""
 
+    user: dict[str, Any]
+    method: Any
+    method_key: str
+    tokens: Any
+    tokens_key: str
+
+    @classmethod
+    def of(cls, mtp: Any, rollout: _Rollout) -> "_VllmRequest":
+        user = _vllm_user_spec(rollout)
+        return cls(
+            user=user,
+            method=user.get("method", mtp.method),
+            method_key=f"{VLLM_SPEC_KEY if 'method' in user else MTP_KEY_PREFIX}.method",
+            tokens=user.get("num_speculative_tokens", mtp.num_speculative_tokens),
+            tokens_key=f"{VLLM_SPEC_KEY if 'num_speculative_tokens' in user else MTP_KEY_PREFIX}.num_speculative_tokens",
+        )
+
+
+def _plan_vllm(mtp: Any, rollout: _Rollout, plan: SpeculativePlan) -> None:
+    request = _VllmRequest.of(mtp, rollout)
+    _check_vllm_version(plan.version, plan.family)
+    _check_vllm_builds_drafter(rollout, plan.family)
+    _check_vllm_method(request, plan.version, plan.family)
+    tokens = _check_vllm_tokens(request, rollout, plan.family)
+    _check_vllm_draft_model(request, rollout)
+    _check_vllm_checkpoint_backend(rollout)
+    # Exactly verl's merge: the MTP values, then the non-null engine_kwargs entries over them.
+    plan.args = {
+        "speculative_config": {
+            "method": mtp.method, "num_speculative_tokens": mtp.num_speculative_tokens, **request.user
+        }
+    }
+    _note_vllm_drafting(plan, request.method, tokens)
+    _check_vllm_sleep(rollout, plan)
+
+
+def _check_vllm_version(version: EngineVersion, family: Optional[str]) -> None:
     if not version.at_least(VLLM_GENERIC_MTP_SINCE):
-        _fail(
+        raise MtpConfigError(invalid_value(
             f"{ROLLOUT_KEY}.name", "vllm",
             f"{version.describe()} is too old for MTP rollout under verl 0.9.1: before vLLM {VLLM_GENERIC_MTP_SINCE} "
             f"the engine's speculative method ends up deepseek_mtp or qwen3_next_mtp, never 'mtp', and verl "
             f"then never loads the actor's MTP weights into the drafter (it keeps its load-time weights all "
             f"run); use vllm >= {VLLM_GENERIC_MTP_SINCE} (verl 0.9.1 pins "
             f"{PINNED_ENGINE_VERSIONS['vllm']}) or SGLang",
-        )
+        ))
     if family is not None and not version.at_least(ENGINE_FACTS[family].vllm_since):
-        _fail(
+        raise MtpConfigError(invalid_value(
             f"{ROLLOUT_KEY}.name", "vllm",
             f"{version.describe()} has no MTP drafter for {_family_title(family)} (added in vLLM "
             f"{ENGINE_FACTS[family].vllm_since}); upgrade vLLM or use SGLang",
-        )
+        ))
 
-    if family is not None and not _vllm_builds_drafter(rollout.hf_config, family):
-        facts = ENGINE_FACTS[family]
-        _fail(
-            "actor_rollout_ref.model.path", rollout.model_path,
-            f"vLLM builds the {_family_title(family)} MTP drafter only for configs whose model_type or first "
-            f"architecture is one of {', '.join(facts.vllm_targets)} (this one: model_type="
-            f"{rollout.hf_config.get('model_type')!r}, architectures={rollout.hf_config.get('architectures')!r}); "
-            f"use such a checkpoint config, or speculative rollout off",
-        )
 
+def _check_vllm_builds_drafter(rollout: _Rollout, family: Optional[str]) -> None:
+    if family is None or _vllm_builds_drafter(rollout.hf_config, family):
+        return
+    raise MtpConfigError(invalid_value(
+        "actor_rollout_ref.model.path", rollout.model_path,
+        f"vLLM builds the {_family_title(family)} MTP drafter only for configs whose model_type or first "
+        f"architecture is one of {', '.join(ENGINE_FACTS[family].vllm_targets)} (this one: model_type="
+        f"{rollout.hf_config.get('model_type')!r}, architectures={rollout.hf_config.get('architectures')!r}); "
+        f"use such a checkpoint config, or speculative rollout off",
+    ))
+
+
+def _check_vllm_method(request: _VllmRequest, version: EngineVersion, family: Optional[str]) -> None:
+    method = request.method
     choices = vllm_method_choices(version, family)
-    if method not in choices:
-        other = next((f for f in ENGINE_FACTS.values() if f.vllm_alias == method), None)
-        if other is not None and family is not None and other.family != family:
-            why = (
-                f"it names the {_family_title(other.family)} drafter but the model is {_family_title(family)}"
-            )
-        elif other is not None:
-            why = f"{version.describe()} does not know it (added in vLLM {other.vllm_alias_since})"
-        else:
-            why = "MTP rollout drafts with the model's own MTP head, which vLLM runs under an MTP method"
-        _fail(method_key, method, f"{why}; valid choices are {', '.join(choices)}")
+    if method in choices:
+        return
+    other = next((f for f in ENGINE_FACTS.values() if f.vllm_alias == method), None)
+    if other is not None and family is not None and other.family != family:
+        why = f"it names the {_family_title(other.family)} drafter but the model is {_family_title(family)}"
+    elif other is not None:
+        why = f"{version.describe()} does not know it (added in vLLM {other.vllm_alias_since})"
+    else:
+        why = "MTP rollout drafts with the model's own MTP head, which vLLM runs under an MTP method"
+    raise MtpConfigError(invalid_value(request.method_key, method, f"{why}; valid choices are {', '.join(choices)}"))
 
-    tokens = _check_positive_int(tokens_key, tokens)
+
+def _check_vllm_tokens(request: _VllmRequest, rollout: _Rollout, family: Optional[str]) -> int:
+    tokens = _check_positive_int(request.tokens_key, request.tokens)
     n_predict = _vllm_n_predict(rollout.hf_config, family)
     if n_predict and n_predict > 1 and tokens > n_predict and tokens % n_predict:
-        _fail(
-            tokens_key, tokens,
+        raise MtpConfigError(invalid_value(
+            request.tokens_key, tokens,
             f"the checkpoint declares {n_predict} MTP layers, and vLLM's SpeculativeConfig then requires "
             f"num_speculative_tokens <= {n_predict} or a multiple of it; valid choices are 1..{n_predict} or a "
             f"multiple of {n_predict}",
-        )
+        ))
+    return tokens
 
-    draft_model = user.get("model")
+
+def _check_vllm_draft_model(request: _VllmRequest, rollout: _Rollout) -> None:
+    draft_model = request.user.get("model")
     if draft_model is not None and (rollout.model_path is None or str(draft_model) != rollout.model_path):
-        _fail(
-            f"{user_key}.model", draft_model,
+        raise MtpConfigError(invalid_value(
+            f"{VLLM_SPEC_KEY}.model", draft_model,
             f"MTP rollout drafts with the actor's own MTP head, which verl keeps in sync; a separate draft "
             f"model is not the MTP head; valid choices are null (unset) or the actor's model path "
             f"{rollout.model_path!r}",
-        )
+        ))
+
+
+def _check_vllm_checkpoint_backend(rollout: _Rollout) -> None:
     if rollout.checkpoint_backend == "delta_sharded":
         # verl 0.9.1's delta weight transfer raises NotImplementedError for a vLLM engine with a
         # speculative config (delta_weight_transfer.py), inside the engine process.
-        _fail(
+        raise MtpConfigError(invalid_value(
             f"{ROLLOUT_KEY}.checkpoint_engine.backend", "delta_sharded",
             "verl 0.9.1's delta weight transfer to vLLM does not support speculative decoding (the drafter "
             "would not be updated); valid choices with MTP rollout on vLLM are the full-tensor backends "
             "(naive, nccl, ...), or set mtp.enable_rollout=False",
-        )
+        ))
 
-    # Exactly verl's merge: the MTP values, then the non-null engine_kwargs entries over them.
-    plan.args = {
-        "speculative_config": {"method": mtp.method, "num_speculative_tokens": mtp.num_speculative_tokens, **user}
-    }
 
+def _note_vllm_drafting(plan: SpeculativePlan, method: str, tokens: int) -> None:
     if method != "mtp":
-        plan.notes.append(f"vLLM {version.version} treats method {method!r} as a deprecated alias of 'mtp'")
+        plan.notes.append(f"vLLM {plan.version.version} treats method {method!r} as a deprecated alias of 'mtp'")
     if tokens > 1:
         plan.notes.append(
             f"vLLM drafts all {tokens} positions with the first MTP layer (run {tokens} times); acceptance "
             f"falls with each reused position"
         )
-    if depths and depths > 1:
-        plan.notes.append(f"vLLM's drafter uses only MTP layer 1 of the {depths} the checkpoint has")
-    if rollout.free_cache_engine:
-        # verl 0.9.1 (_resolve_sleep_level) sleeps at level 1 whenever MTP rollout is on; vLLM's
-        # level 1 copies everything allocated under the "weights" tag, the drafter included, to CPU
-        # and back, while level 2 would discard it (gpu_worker.sleep / CuMemAllocator).
-        if not verl_keeps_vllm_drafter_on_sleep():
-            _fail(
-                f"{ROLLOUT_KEY}.free_cache_engine", True,
-                "this verl's vLLM server does not choose sleep level 1 for MTP rollout "
-                "(vLLMHttpServer._resolve_sleep_level does not look at mtp.enable_rollout), and level 2 "
-                "discards the drafter's weights; valid choices are free_cache_engine=False, or verl 0.9.1",
-            )
-        plan.notes.append(
-            "between rollouts verl puts vLLM to sleep at level 1 for MTP: target and drafter weights are "
-            "offloaded to CPU memory and restored on wake-up (level 2 would discard the drafter)"
-        )
-    else:
-        plan.notes.append("free_cache_engine=False: vLLM never sleeps, the drafter stays on the GPU")
+    if plan.depths and plan.depths > 1:
+        plan.notes.append(f"vLLM's drafter uses only MTP layer 1 of the {plan.depths} the checkpoint has")
 
+
+def _check_vllm_sleep(rollout: _Rollout, plan: SpeculativePlan) -> None:
+    if not rollout.free_cache_engine:
+        plan.notes.append("free_cache_engine=False: vLLM never sleeps, the drafter stays on the GPU")
+        return
+    # verl 0.9.1 (_resolve_sleep_level) sleeps at level 1 whenever MTP rollout is on; vLLM's
+    # level 1 copies everything allocated under the "weights" tag, the drafter included, to CPU
+    # and back, while level 2 would discard it (gpu_worker.sleep / CuMemAllocator).
+    if not verl_keeps_vllm_drafter_on_sleep():
+        raise MtpConfigError(invalid_value(
+            f"{ROLLOUT_KEY}.free_cache_engine", True,
+            "this verl's vLLM server does not choose sleep level 1 for MTP rollout "
+            "(vLLMHttpServer._resolve_sleep_level does not look at mtp.enable_rollout), and level 2 "
+            "discards the drafter's weights; valid choices are free_cache_engine=False, or verl 0.9.1",
+        ))
+    plan.notes.append(
+        "between rollouts verl puts vLLM to sleep at level 1 for MTP: target and drafter weights are "
+        "offloaded to CPU memory and restored on wake-up (level 2 would discard the drafter)"
+    )
 
 def verl_keeps_vllm_drafter_on_sleep(server_source: Optional[str] = None) -> bool:
     """Whether the installed verl's vLLM server picks its sleep level with MTP rollout in mind.
@@ -540,7 +573,6 @@ def sglang_max_draft_tokens(steps: int, topk: int) -> int:
 
 
 def _check_sglang_hybrid_cache(kwargs: Mapping[str, Any], plan: SpeculativePlan, draft_tokens: int) -> None:
-    kw_key = f"{ROLLOUT_KEY}.engine_kwargs.sglang"
     title = _family_title(plan.family)
     if kwargs.get("disable_radix_cache"):
         plan.notes.append(f"{title} on SGLang: radix cache off (disable_radix_cache), as speculative decoding needs")
@@ -548,24 +580,25 @@ def _check_sglang_hybrid_cache(kwargs: Mapping[str, Any], plan: SpeculativePlan,
     if kwargs.get("mamba_scheduler_strategy") == "extra_buffer":
         interval = kwargs.get("mamba_track_interval") or 256  # SGLang's default
         if interval < draft_tokens:
-            _fail(
-                f"{kw_key}.mamba_track_interval", interval,
+            raise MtpConfigError(invalid_value(
+                f"{SGLANG_KWARGS_KEY}.mamba_track_interval", interval,
                 f"SGLang's extra_buffer mamba cache needs it >= speculative_num_draft_tokens={draft_tokens}; "
                 f"valid choices are integers >= {draft_tokens}",
-            )
+            ))
         plan.notes.append(
             f"{title} on SGLang with mamba_scheduler_strategy=extra_buffer: the rollout processes also need "
             f"SGLANG_ENABLE_SPEC_V2=1 in their environment (not checkable here)"
         )
         return
     if plan.version.at_least(SGLANG_HYBRID_SPEC_STRICT_SINCE):
-        _fail(
-            f"{kw_key}.disable_radix_cache", kwargs.get("disable_radix_cache"),
+        raise MtpConfigError(invalid_value(
+            f"{SGLANG_KWARGS_KEY}.disable_radix_cache", kwargs.get("disable_radix_cache"),
             f"{plan.version.describe()} refuses speculative decoding on {title} (a hybrid linear-attention "
             f"model) while its radix cache runs in the default no_buffer mamba mode, and verl does not turn it "
-            f"off; valid choices are +{kw_key}.disable_radix_cache=True, or "
-            f"+{kw_key}.mamba_scheduler_strategy=extra_buffer with SGLANG_ENABLE_SPEC_V2=1 in the rollout environment",
-        )
+            f"off; valid choices are +{SGLANG_KWARGS_KEY}.disable_radix_cache=True, or "
+            f"+{SGLANG_KWARGS_KEY}.mamba_scheduler_strategy=extra_buffer with SGLANG_ENABLE_SPEC_V2=1 in the "
+            f"rollout environment",
+        ))
     plan.notes.append(f"SGLang {plan.version.version} turns its radix cache off for speculative decoding on {title}")
 
 
@@ -577,73 +610,89 @@ def _sglang_value(name: str, value: Any) -> Any:
 
 
 def _plan_sglang(mtp: Any, rollout: _Rollout, plan: SpeculativePlan) -> None:
-    version, family = plan.version, plan.family
     kwargs = rollout.engine_kwargs
-    kw_key = f"{ROLLOUT_KEY}.engine_kwargs.sglang"
+    _check_sglang_version(plan.version, plan.family, rollout)
+    values = _sglang_spec_values(mtp)
+    _check_sglang_kwargs_kept(kwargs, values)
+    _check_sglang_attention(kwargs, plan.version, values["speculative_eagle_topk"])
+    if plan.family is not None and ENGINE_FACTS[plan.family].sglang_hybrid_cache:
+        _check_sglang_hybrid_cache(kwargs, plan, values["speculative_num_draft_tokens"])
+    _check_sglang_draft_path(kwargs, rollout)
+    plan.args = {**values, **{name: True for name in SGLANG_BACKUP_KEYS}}
+    _note_sglang_drafting(plan, values, rollout)
 
+
+def _check_sglang_version(version: EngineVersion, family: Optional[str], rollout: _Rollout) -> None:
     if not version.at_least(SGLANG_MTP_SINCE):
-        _fail(
+        raise MtpConfigError(invalid_value(
             f"{ROLLOUT_KEY}.name", "sglang",
             f"{version.describe()} is too old: verl 0.9.1 needs sglang >= {SGLANG_MTP_SINCE} for MTP rollout "
             f"(verl turns on its enable_draft_weights_cpu_backup to keep the drafter across sleep)",
-        )
-    if family is not None:
-        facts = ENGINE_FACTS[family]
-        configs = (rollout.hf_config, rollout.hf_config.get("text_config") or {})
-        archs = [a for cfg in configs for a in (cfg.get("architectures") or [])]
-        if not any(a in facts.sglang_draft_archs for a in archs):
-            _fail(
-                "actor_rollout_ref.model.path", rollout.model_path,
-                f"its architectures {archs} have no MTP draft model in SGLang; SGLang drafts "
-                f"{_family_title(family)} only for {', '.join(facts.sglang_draft_archs)}; use one of those "
-                f"checkpoints or vLLM",
-            )
-        if not version.at_least(facts.sglang_since):
-            _fail(
-                f"{ROLLOUT_KEY}.name", "sglang",
-                f"{version.describe()} has no MTP draft model for {_family_title(family)} (added in SGLang "
-                f"{facts.sglang_since}); upgrade SGLang or use vLLM",
-            )
+        ))
+    if family is None:
+        return
+    facts = ENGINE_FACTS[family]
+    configs = (rollout.hf_config, rollout.hf_config.get("text_config") or {})
+    archs = [a for cfg in configs for a in (cfg.get("architectures") or [])]
+    if not any(a in facts.sglang_draft_archs for a in archs):
+        raise MtpConfigError(invalid_value(
+            "actor_rollout_ref.model.path", rollout.model_path,
+            f"its architectures {archs} have no MTP draft model in SGLang; SGLang drafts "
+            f"{_family_title(family)} only for {', '.join(facts.sglang_draft_archs)}; use one of those "
+            f"checkpoints or vLLM",
+        ))
+    if not version.at_least(facts.sglang_since):
+        raise MtpConfigError(invalid_value(
+            f"{ROLLOUT_KEY}.name", "sglang",
+            f"{version.describe()} has no MTP draft model for {_family_title(family)} (added in SGLang "
+            f"{facts.sglang_since}); upgrade SGLang or use vLLM",
+        ))
 
+
+def _sglang_spec_values(mtp: Any) -> dict[str, Any]:
+    """The four speculative server arguments verl takes from ``mtp.*``, checked."""
     algorithm = mtp.speculative_algorithm
     if not isinstance(algorithm, str) or algorithm.upper() not in SGLANG_MTP_ALGORITHMS:
-        _fail(
-            f"{MTP_KEY}.speculative_algorithm", algorithm,
+        raise MtpConfigError(invalid_value(
+            f"{MTP_KEY_PREFIX}.speculative_algorithm", algorithm,
             f"MTP rollout drafts with the model's MTP head, which SGLang runs as EAGLE (NEXTN is its alias); "
             f"valid choices are {', '.join(SGLANG_MTP_ALGORITHMS)}",
-        )
-    steps = _check_positive_int(f"{MTP_KEY}.speculative_num_steps", mtp.speculative_num_steps)
-    topk = _check_positive_int(f"{MTP_KEY}.speculative_eagle_topk", mtp.speculative_eagle_topk)
-    draft = _check_positive_int(f"{MTP_KEY}.speculative_num_draft_tokens", mtp.speculative_num_draft_tokens)
+        ))
+    steps = _check_positive_int(f"{MTP_KEY_PREFIX}.speculative_num_steps", mtp.speculative_num_steps)
+    topk = _check_positive_int(f"{MTP_KEY_PREFIX}.speculative_eagle_topk", mtp.speculative_eagle_topk)
+    draft = _check_positive_int(f"{MTP_KEY_PREFIX}.speculative_num_draft_tokens", mtp.speculative_num_draft_tokens)
+    draft_key = f"{MTP_KEY_PREFIX}.speculative_num_draft_tokens"
     if topk == 1 and draft != steps + 1:
-        _fail(
-            f"{MTP_KEY}.speculative_num_draft_tokens", draft,
+        raise MtpConfigError(invalid_value(
+            draft_key, draft,
             f"with speculative_eagle_topk=1 SGLang verifies a chain of speculative_num_steps + 1 tokens and "
             f"silently replaces any other value; valid choice is {steps + 1} (speculative_num_steps={steps})",
-        )
+        ))
     if topk > 1 and not 2 <= draft <= sglang_max_draft_tokens(steps, topk):
-        _fail(
-            f"{MTP_KEY}.speculative_num_draft_tokens", draft,
+        raise MtpConfigError(invalid_value(
+            draft_key, draft,
             f"with speculative_eagle_topk={topk} and speculative_num_steps={steps} SGLang selects the draft "
             f"tokens from {sglang_max_draft_tokens(steps, topk) - 1} tree candidates; valid choices are "
             f"2..{sglang_max_draft_tokens(steps, topk)}",
-        )
-
-    # verl 0.9.1 writes mtp.* over these engine_kwargs, so a different value there would be dropped.
-    values = {
+        ))
+    return {
         "speculative_algorithm": algorithm,
         "speculative_num_steps": steps,
         "speculative_eagle_topk": topk,
         "speculative_num_draft_tokens": draft,
     }
+
+
+def _check_sglang_kwargs_kept(kwargs: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    # verl 0.9.1 writes mtp.* over these engine_kwargs, so a different value there would be dropped.
     for name in SGLANG_SPEC_KEYS:
         given = kwargs.get(name)
         if given is not None and _sglang_value(name, given) != _sglang_value(name, values[name]):
-            _fail(
-                f"{kw_key}.{name}", given,
-                f"verl 0.9.1 replaces it with {MTP_KEY}.{name}={values[name]!r}; set the value there instead "
-                f"(valid choices here: unset, or {values[name]!r})",
-            )
+            raise MtpConfigError(invalid_value(
+                f"{SGLANG_KWARGS_KEY}.{name}", given,
+                f"verl 0.9.1 replaces it with {MTP_KEY_PREFIX}.{name}={values[name]!r}; set the value there "
+                f"instead (valid choices here: unset, or {values[name]!r})",
+            ))
     # SGLang restores weights after sleep only from a CPU backup: weights loaded in a memory-saver
     # region without one (ModelRunner.load_model, enable_cpu_backup = enable_weights_cpu_backup or
     # (draft worker and enable_draft_weights_cpu_backup)) come back as uninitialised memory, and
@@ -651,40 +700,43 @@ def _plan_sglang(mtp: Any, rollout: _Rollout, plan: SpeculativePlan) -> None:
     # MTP rollout; an explicit False here says the user expects something that will not happen.
     for name in SGLANG_BACKUP_KEYS:
         if name in kwargs and kwargs[name] is not None and not kwargs[name]:
-            _fail(
-                f"{kw_key}.{name}", kwargs[name],
+            raise MtpConfigError(invalid_value(
+                f"{SGLANG_KWARGS_KEY}.{name}", kwargs[name],
                 "without the CPU backup SGLang loses the drafter's weights when verl puts the engine to sleep "
                 "(verl 0.9.1 forces it on for MTP rollout); valid choices are true or unset",
-            )
+            ))
 
+
+def _check_sglang_attention(kwargs: Mapping[str, Any], version: EngineVersion, topk: int) -> None:
     backend = kwargs.get("attention_backend") or _verl_default_sglang_backend(version.parsed)
     page_size = kwargs.get("page_size") or 1
     if topk > 1 and backend == "trtllm_mha":
-        _fail(
-            f"{MTP_KEY}.speculative_eagle_topk", topk,
-            f"SGLang's trtllm_mha attention backend ({kw_key}.attention_backend) supports only top-k 1; valid "
-            f"choices are 1, or another attention backend",
-        )
+        raise MtpConfigError(invalid_value(
+            f"{MTP_KEY_PREFIX}.speculative_eagle_topk", topk,
+            f"SGLang's trtllm_mha attention backend ({SGLANG_KWARGS_KEY}.attention_backend) supports only "
+            f"top-k 1; valid choices are 1, or another attention backend",
+        ))
     if topk > 1 and page_size > 1 and backend not in SGLANG_TREE_BACKENDS:
-        _fail(
-            f"{MTP_KEY}.speculative_eagle_topk", topk,
+        raise MtpConfigError(invalid_value(
+            f"{MTP_KEY_PREFIX}.speculative_eagle_topk", topk,
             f"SGLang rejects top-k > 1 with page_size={page_size} on the {backend} attention backend; valid "
             f"choices are 1, page_size=1, or attention_backend in {', '.join(SGLANG_TREE_BACKENDS)}",
-        )
-    if family is not None and ENGINE_FACTS[family].sglang_hybrid_cache:
-        _check_sglang_hybrid_cache(kwargs, plan, draft)
+        ))
 
+
+def _check_sglang_draft_path(kwargs: Mapping[str, Any], rollout: _Rollout) -> None:
     draft_path = kwargs.get("speculative_draft_model_path")
     if draft_path is not None and (rollout.model_path is None or str(draft_path) != rollout.model_path):
-        _fail(
-            f"{kw_key}.speculative_draft_model_path", draft_path,
+        raise MtpConfigError(invalid_value(
+            f"{SGLANG_KWARGS_KEY}.speculative_draft_model_path", draft_path,
             f"MTP rollout drafts with the actor's own MTP head; valid choices are unset or the actor's model "
             f"path {rollout.model_path!r}",
-        )
+        ))
 
-    plan.args = {**values, **{name: True for name in SGLANG_BACKUP_KEYS}}
 
-    if algorithm.upper() == "NEXTN":
+def _note_sglang_drafting(plan: SpeculativePlan, values: Mapping[str, Any], rollout: _Rollout) -> None:
+    steps, topk = values["speculative_num_steps"], values["speculative_eagle_topk"]
+    if values["speculative_algorithm"].upper() == "NEXTN":
         plan.notes.append("SGLang runs NEXTN as EAGLE with the MTP layer as the draft model")
     if steps > 1:
         plan.notes.append(

@@ -228,7 +228,7 @@ class SpecStepMonitor:
         self.policy = (
             AdaptiveSpeculationPolicy(AdaptivePolicyConfig.from_mtp(mtp)) if mtp.adaptive_speculation else None
         )
-        self.collapse = AcceptanceCollapseDetector(mtp.spec_accept_collapse_fraction, mtp.spec_accept_collapse_window)
+        self.collapse = AcceptanceCollapseDetector(**mtp.section("spec_accept_collapse_"))
         self.step = 0
         self._generation: Optional[tuple[Optional[int], Optional[float], int]] = None
         self._speculation_ran = True
@@ -327,7 +327,7 @@ def register_server_manager(manager: Any) -> Optional[SpecStepMonitor]:
 
     config = manager.config
     mtp = as_extended(config.actor_rollout_ref.model.get("mtp"))
-    if not (mtp.enable and mtp.enable_rollout and mtp.spec_step_metrics):
+    if not mtp.logs_spec_step_metrics:
         return None
     monitor = get_monitor()
     if monitor is None:

@@ -99,7 +99,7 @@ def _coef_summary(mtp: ExtendedMtpConfig) -> dict[str, Any]:
 
 def build_plan(config) -> MtpPlan:
     """Validate ``config`` (raises MtpConfigError) and resolve what the run will do with MTP."""
-    from verl_mtp.config import resolve_run_depths, validate_mtp_run_config
+    from verl_mtp.run_checks import resolve_run_depths, validate_mtp_run_config
     from verl_mtp.megatron.compat import expected_gradient_reach, megatron_core_version, mtp_api
     from verl_mtp.rollout.spec_args import plan_speculative_rollout
 

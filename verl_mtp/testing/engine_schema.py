@@ -1,5 +1,7 @@
 """The parts of vLLM's and SGLang's argument classes that verl-mtp's speculative arguments must fit,
-derived from the engines' source and checked without importing the engines.
+derived from the engines' source and checked without importing the engines (a test fixture: the
+product's own checks live in ``verl_mtp.rollout.spec_args``; the recorded schema lives in the
+repository's ``tests/data``, not in the wheel).
 
 CI cannot install vLLM or SGLang (several GB, CUDA), so ``tests/data/engine_schema.json`` records,
 for one pinned version of each engine, what their config classes accept:
@@ -14,7 +16,7 @@ for one pinned version of each engine, what their config classes accept:
 
 Regenerate it from unpacked wheels (``pip download --no-deps vllm==X sglang==Y`` and unzip)::
 
-    python -m verl_mtp.rollout.engine_schema --vllm-src DIR --sglang-src DIR --out tests/data/engine_schema.json
+    python -m verl_mtp.testing.engine_schema --vllm-src DIR --sglang-src DIR --out tests/data/engine_schema.json
 
 where DIR holds the ``vllm/`` (``sglang/``) package directory and its ``*.dist-info``. The source is parsed (``ast``), never
 imported, so this runs on any machine.
@@ -252,7 +254,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default=DEFAULT_SCHEMA_PATH)
     ns = parser.parse_args(argv)
     schema = {
-        "about": "derived by verl_mtp.rollout.engine_schema from the engines' source (ast, not imported)",
+        "about": "derived by verl_mtp.testing.engine_schema from the engines' source (ast, not imported)",
         "vllm": derive_vllm_schema(ns.vllm_src),
         "sglang": derive_sglang_schema(ns.sglang_src),
     }
