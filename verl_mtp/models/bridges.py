@@ -79,6 +79,12 @@ def bridge_classes() -> dict[str, type]:
     return classes
 
 
+def mbridge_registrations() -> dict[str, type]:
+    """``{model_type: corrected class}``: what verl-mtp puts into mbridge's model registry."""
+    classes = bridge_classes()
+    return {model_type: classes[key] for model_type, key in REGISTERED_MODEL_TYPES.items()}
+
+
 # Families detect_family knows that no bridge here can build, and why.
 _UNBUILDABLE = {
     "qwen3_next": (

@@ -353,7 +353,6 @@ def register_bridge(key: str) -> Callable[[type], type]:
     def register(cls: type) -> type:
         if _REGISTERED.get(key, cls) is not cls:
             raise ValueError(f"bridge {key!r} registered twice: {_REGISTERED[key].__name__} and {cls.__name__}")
-        cls.bridge_key = key
         _REGISTERED[key] = cls
         return cls
 
