@@ -1,5 +1,5 @@
 """``verl-mtp accept-eval``: the acceptance math, the teacher-forced MTP chain, and end to end on
-tiny MiMo-layout checkpoints loaded through mbridge (verl_mtp.models.bridges.load_hf_model).
+tiny MiMo-layout checkpoints loaded through mbridge (verl_mtp.local_megatron.hf_model.load_hf_model).
 
 The end-to-end checkpoints are built so the answer is known:
 
@@ -350,7 +350,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _load(path):
-    from verl_mtp.models.bridges import load_hf_model
+    from verl_mtp.local_megatron.hf_model import load_hf_model
 
     return load_hf_model(path)
 

@@ -444,7 +444,7 @@ for line in sys.stdin:
 def tiny_mimo_model(tmp_path_factory):
     """A real megatron-core model with an MTP depth, loaded from a tiny MiMo checkpoint through
     verl-mtp's mbridge bridge (the exporter verl's Megatron engine uses for weight sync)."""
-    from verl_mtp.models.bridges import load_hf_model
+    from verl_mtp.local_megatron.hf_model import load_hf_model
     from verl_mtp.testing.tiny_hf import write_tiny_checkpoint
 
     path = str(tmp_path_factory.mktemp("mimo"))

@@ -420,7 +420,7 @@ MIMO_MTP_NORM = "model.mtp_layers.0.token_layernorm.weight"
 def mimo(tmp_path_factory):
     """Tiny MiMo checkpoints (1 MTP depth; and one without MTP) in the real HF layout."""
     pytest.importorskip("mbridge")
-    from verl_mtp.models.bridges import load_hf_model
+    from verl_mtp.local_megatron.hf_model import load_hf_model
     from verl_mtp.testing.tiny_hf import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("mimo")

@@ -79,7 +79,7 @@ def make_manager(model, mtp=None, save=("model", "extra"), load=("model", "extra
 
 def make_hf_manager(loaded, mtp=None, save=("model",), load=("model",)):
     """The manager on verl's default model path: Hugging Face files through mbridge
-    (``use_dist_checkpointing=False``); ``loaded`` is a ``verl_mtp.models.bridges.LoadedModel``."""
+    (``use_dist_checkpointing=False``); ``loaded`` is a ``verl_mtp.local_megatron.hf_model.LoadedModel``."""
     from omegaconf import OmegaConf
     from verl.utils.checkpoint.megatron_checkpoint_manager import MegatronCheckpointManager
 
