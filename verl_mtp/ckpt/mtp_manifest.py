@@ -413,65 +413,73 @@ def check_mtp_resume(manager, local_path: str) -> ResumePlan:
     plan = ResumePlan(manifest=manifest, fresh_head=False)
     if not manager.should_load_model:
         return plan
-    label = f"checkpoint {local_path}"
-
     if manifest is not None and depths and manifest["num_depths"] != depths:
         raise MtpCheckpointError(
-            f"{label} was saved with {manifest['num_depths']} MTP depth(s) but this model has {depths}; "
+            f"checkpoint {local_path} was saved with {manifest['num_depths']} MTP depth(s) but this model has {depths}; "
             f"set actor_rollout_ref.model.mtp.mtp_num_layers to {manifest['num_depths']} "
             f"(or load a matching checkpoint)"
         )
 
     if manager.should_load_dist_ckpt_model:
-        dist_dir = os.path.join(local_path, "model", "dist_ckpt")
-        found = dist_ckpt_tensors(dist_dir) if has_dist_ckpt(dist_dir) else {}
-        found_mtp = {k: s for k, s in found.items() if k.startswith(MTP_PREFIX)}
-        if not expected:
-            if found_mtp:
-                report_loudly(
-                    f"{label} holds {len(found_mtp)} MTP tensors but this model has no MTP head; they are not loaded"
-                )
-            return plan
-        if not found_mtp and manifest is None:
-            plan.fresh_head = _allow_fresh_head(manager, label, depths)
-            return plan
-        missing, mismatched = compare_tensors(expected, found)
-        extra_depths = sorted({d for k in found_mtp if (d := depth_of(k)) is not None and d >= depths})
-        problems = [f"{k} (missing)" for k in missing] + [f"{m} (shape)" for m in mismatched]
-        if extra_depths:
-            problems.append(
-                f"MTP depth(s) {', '.join(str(d) for d in extra_depths)} in the checkpoint beyond this model's {depths}"
-            )
-        if manifest is not None:
-            manifest_missing, manifest_mismatched = compare_tensors(
-                expected, {k: tuple(v["shape"]) for k, v in manifest["parameters"].items()}
-            )
-            problems += [f"{k} (not in {MANIFEST_NAME})" for k in manifest_missing]
-            problems += [f"{m} (per {MANIFEST_NAME})" for m in manifest_mismatched]
-        if problems:
-            raise MtpCheckpointError(
-                f"{label} cannot seed this model's MTP head: {_shown(problems)}. Refusing to load rather than "
-                f"leave these tensors at random initialisation"
-            )
-        return plan
-
-    if manager.should_load_hf_model and expected:
-        hf_dir = os.path.join(local_path, "model", "huggingface")
-        missing, found_count = hf_mtp_problems(hf_dir, depths)
-        if found_count == 0 and manifest is None:
-            plan.fresh_head = _allow_fresh_head(manager, label, depths)
-            return plan
-        # The exact check (every MTP tensor this model's bridge reads), the one exports are checked
-        # with; its verdict can depend on the rank's pipeline stage, so all ranks share theirs.
-        per_rank = _gather(hf_export_problems(manager, hf_dir))
-        problems = [f"{hf_dir} lacks {_shown(missing)}"] if missing else []
-        problems += sorted({problem for rank in per_rank for problem in rank})
-        if problems:
-            raise MtpCheckpointError(
-                f"{label} cannot seed this model's MTP head: {'; '.join(problems)}. Refusing to load "
-                f"rather than leave these tensors at random initialisation"
-            )
+        plan.fresh_head = _check_dist_resume(manager, local_path, manifest, expected, depths)
+    elif manager.should_load_hf_model and expected:
+        plan.fresh_head = _check_hf_resume(manager, local_path, manifest, depths)
     return plan
+
+
+def _check_dist_resume(manager, local_path: str, manifest: dict | None, expected: dict, depths: int) -> bool:
+    """The dist checkpoint against the model's MTP tensors (and the manifest's); True: keep a fresh head."""
+    label = f"checkpoint {local_path}"
+    dist_dir = os.path.join(local_path, "model", "dist_ckpt")
+    found = dist_ckpt_tensors(dist_dir) if has_dist_ckpt(dist_dir) else {}
+    found_mtp = {k: s for k, s in found.items() if k.startswith(MTP_PREFIX)}
+    if not expected:
+        if found_mtp:
+            report_loudly(
+                f"{label} holds {len(found_mtp)} MTP tensors but this model has no MTP head; they are not loaded"
+            )
+        return False
+    if not found_mtp and manifest is None:
+        return _allow_fresh_head(manager, label, depths)
+    missing, mismatched = compare_tensors(expected, found)
+    extra_depths = sorted({d for k in found_mtp if (d := depth_of(k)) is not None and d >= depths})
+    problems = [f"{k} (missing)" for k in missing] + [f"{m} (shape)" for m in mismatched]
+    if extra_depths:
+        problems.append(
+            f"MTP depth(s) {', '.join(str(d) for d in extra_depths)} in the checkpoint beyond this model's {depths}"
+        )
+    if manifest is not None:
+        manifest_missing, manifest_mismatched = compare_tensors(
+            expected, {k: tuple(v["shape"]) for k, v in manifest["parameters"].items()}
+        )
+        problems += [f"{k} (not in {MANIFEST_NAME})" for k in manifest_missing]
+        problems += [f"{m} (per {MANIFEST_NAME})" for m in manifest_mismatched]
+    if problems:
+        raise MtpCheckpointError(
+            f"{label} cannot seed this model's MTP head: {_shown(problems)}. Refusing to load rather than "
+            f"leave these tensors at random initialisation"
+        )
+    return False
+
+
+def _check_hf_resume(manager, local_path: str, manifest: dict | None, depths: int) -> bool:
+    """The Hugging Face export against the model's MTP head; True: keep a fresh head."""
+    label = f"checkpoint {local_path}"
+    hf_dir = os.path.join(local_path, "model", "huggingface")
+    missing, found_count = hf_mtp_problems(hf_dir, depths)
+    if found_count == 0 and manifest is None:
+        return _allow_fresh_head(manager, label, depths)
+    # The exact check (every MTP tensor this model's bridge reads), the one exports are checked
+    # with; its verdict can depend on the rank's pipeline stage, so all ranks share theirs.
+    per_rank = _gather(hf_export_problems(manager, hf_dir))
+    problems = [f"{hf_dir} lacks {_shown(missing)}"] if missing else []
+    problems += sorted({problem for rank in per_rank for problem in rank})
+    if problems:
+        raise MtpCheckpointError(
+            f"{label} cannot seed this model's MTP head: {'; '.join(problems)}. Refusing to load "
+            f"rather than leave these tensors at random initialisation"
+        )
+    return False
 
 
 def hf_export_problems(manager, hf_dir: str) -> list[str]:
