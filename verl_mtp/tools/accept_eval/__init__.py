@@ -43,7 +43,7 @@ on would differ from this estimate at positions beyond the head's depth count.
 
 Not modelled: top-p / top-k truncation, tree drafting (SGLang topk > 1), and the change of the
 conditioning prefix in sampling mode (see teacher forcing above). Text inputs are re-tokenized;
-verl's rollout dump decodes with ``skip_special_tokens=True``, so token ids are the exact inp
+verl's rollout dump decodes with ``skip_special_tokens=True``, so token ids are the exact input.
 
 The steps, one module each: ``options`` (the error class and option checks), ``samples`` (reading
 the JSONL), ``acceptance`` (the acceptance of one draft position and the chain-rule aggregation),
