@@ -153,7 +153,7 @@ class MtpPolicyLoss:
         if mtp.enable_train and not self.actor(config).patches_checked:
             # Once per actor; besides the engine's initialisation, in case the patch that hooks
             # that (mtp_forward) is the one that failed.
-            from verl_mtp.plugin import require_patches
+            from verl_mtp.patches.core import require_patches
 
             require_patches(mtp, "the actor loss")
             self.actor(config).patches_checked = True
@@ -206,10 +206,10 @@ class MtpPolicyLoss:
 
     def _coefficients(self, config, mtp, log_prob, q, old_log_prob, masks, dp_group):
         """(OCC coefficients or None, lambda per depth) for this micro-batch."""
-        if mtp.mtp_coef_mode != "occ":
+        if not mtp.uses_occ:
             return None, [mtp.mtp_loss_scaling_factor] * len(q)
         occ = self.occ_coefficients(config, mtp, len(q))
-        if mtp.occ_scope != "mini_batch":
+        if not mtp.needs_occ_prepass:
             on_policy = self.on_policy(config)
             detached = [x.detach() for x in q]
             return occ, calibrate(occ, log_prob, detached, old_log_prob, masks, group=dp_group, on_policy=on_policy)
@@ -226,8 +226,7 @@ class MtpPolicyLoss:
     def mtp_term(self, config, mtp, model_output, data, dp_group=None) -> tuple[torch.Tensor, dict]:
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-        per_micro_batch_occ = mtp.mtp_coef_mode == "occ" and mtp.occ_scope == "micro_batch"
-        log_prob, q, old_log_prob, masks = _occ_inputs(model_output, data, with_grad=True, main=per_micro_batch_occ)
+        log_prob, q, old_log_prob, masks = _occ_inputs(model_output, data, with_grad=True, main=mtp.occ_per_micro_batch)
         depths = len(q)
         padded = _padded(data, ["advantages"] + (["rollout_is_weights"] if "rollout_is_weights" in data else []))
         occ, coefs = self._coefficients(config, mtp, log_prob, q, old_log_prob, masks, dp_group)
@@ -416,9 +415,7 @@ def occ_target(loss_function) -> Optional[tuple[MtpPolicyLoss, Any, Any]]:
         return None
     policy_loss, config = bound
     mtp = as_extended(getattr(getattr(config, "model_config", None), "mtp", None))
-    if mtp.enable_train and mtp.mtp_loss_type == "rl" and mtp.mtp_coef_mode == "occ":
-        return policy_loss, config, mtp
-    return None
+    return (policy_loss, config, mtp) if mtp.uses_occ else None
 
 
 @contextlib.contextmanager
@@ -447,7 +444,7 @@ def train_batch_with_occ(engine, data, loss_function, run: Callable[[], Any]) ->
         return run()
     policy_loss, config, mtp = target
     policy_loss.begin_mini_batch(config)
-    if mtp.occ_scope != "mini_batch":
+    if not mtp.needs_occ_prepass:
         return run()
     policy_loss.run_occ_prepass(engine, data, config)
     try:

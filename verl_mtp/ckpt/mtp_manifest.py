@@ -186,10 +186,6 @@ def manager_mtp_config(manager):
 # --- OCC state --------------------------------------------------------------------------------
 
 
-def uses_occ(mtp) -> bool:
-    return bool(mtp.enable_train and mtp.mtp_loss_type == "rl" and mtp.mtp_coef_mode == "occ")
-
-
 def current_occ_state() -> list[dict] | None:
     """OCC's per-depth state held by this process's actor loss, or None (no OCC ran here)."""
     from verl_mtp.loss import current_policy_loss
@@ -326,7 +322,7 @@ def prepare_mtp_save(manager, local_path: str, global_step: int) -> None:
             os.remove(stale)
     local, not_sharded = live_mtp_tensors(manager)
     mtp = manager_mtp_config(manager)
-    occ = current_occ_state() if uses_occ(mtp) else None
+    occ = current_occ_state() if mtp.uses_occ else None
     gathered = _gather({"tensors": local, "not_sharded": not_sharded, "occ": occ})
     not_sharded = sorted({n for g in gathered for n in g["not_sharded"]})
     if not_sharded:
@@ -415,8 +411,8 @@ def check_mtp_resume(manager, local_path: str) -> ResumePlan:
         return plan
     if manifest is not None and depths and manifest["num_depths"] != depths:
         raise MtpCheckpointError(
-            f"checkpoint {local_path} was saved with {manifest['num_depths']} MTP depth(s) but this model has {depths}; "
-            f"set actor_rollout_ref.model.mtp.mtp_num_layers to {manifest['num_depths']} "
+            f"checkpoint {local_path} was saved with {manifest['num_depths']} MTP depth(s) but this model has "
+            f"{depths}; set actor_rollout_ref.model.mtp.mtp_num_layers to {manifest['num_depths']} "
             f"(or load a matching checkpoint)"
         )
 
@@ -581,7 +577,7 @@ def fresh_head_load(manager) -> Iterator[None]:
 def finish_mtp_resume(manager, plan: ResumePlan) -> None:
     """After verl loaded: restore OCC's state when the checkpoint has it and this run uses OCC."""
     occ = (plan.manifest or {}).get("occ")
-    if not uses_occ(manager_mtp_config(manager)):
+    if not manager_mtp_config(manager).uses_occ:
         return
     if not occ:
         logger.info("verl-mtp: the checkpoint holds no OCC state; OCC starts fresh")
