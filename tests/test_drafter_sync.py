@@ -333,7 +333,7 @@ applied to it. The drafter fuses q/k/v into one parameter, as vLLM's drafters do
 import json, sys, types
 import torch
 import verl  # noqa: F401  (activates the verl-mtp plugin, as in every verl process)
-from verl_mtp import patches
+from verl_mtp.patches import rollout as patches
 from verl_mtp.rollout import drafter_sync as ds
 from verl_mtp.testing.tiny_hf import hf_tensor_shapes
 
@@ -420,7 +420,7 @@ class vLLMColocateWorkerExtension:
 module = types.ModuleType("fake_vllm_worker_module")
 module.vLLMColocateWorkerExtension = vLLMColocateWorkerExtension
 restore = []
-patches._patch_vllm_worker_extension(module, restore)
+patches.patch_vllm_worker_extension(module, restore)
 worker = None
 for line in sys.stdin:
     request = json.loads(line)
@@ -627,7 +627,7 @@ def _function(path, cls, name):
 
 
 def test_patch_targets_match_installed_verl():
-    from verl_mtp.patches import _collective_rpc_body_kind_of_source
+    from verl_mtp.rollout.weight_sync import collective_rpc_body_kind as _collective_rpc_body_kind_of_source
 
     source, fn = _function(os.path.join(VLLM_ROLLOUT, "vllm_async_server.py"), "vLLMHttpServer", "collective_rpc")
     assert [a.arg for a in fn.args.args] == ["self", "method", "timeout", "args", "kwargs"]
@@ -654,7 +654,7 @@ def test_patched_adapter_checks_after_the_sync_and_returns_the_metric(tmp_path):
     import asyncio
     import types
 
-    from verl_mtp import patches
+    from verl_mtp.patches import rollout as patches
 
     is_mtp = mtp_tensor_classifier(MIMO)
     recorder = DrafterSyncRecorder(is_mtp, worker="w0", speculative_method="mtp")
@@ -682,7 +682,7 @@ def test_patched_adapter_checks_after_the_sync_and_returns_the_metric(tmp_path):
     module = types.ModuleType("fake_vllm_rollout")
     module.ServerAdapter = ServerAdapter
     restore = []
-    patches._patch_vllm_server_adapter(module, restore)
+    patches.patch_vllm_server_adapter(module, restore)
     mtp = ExtendedMtpConfig(enable=True, enable_rollout=True)
     adapter = ServerAdapter(mtp)
     adapter.load_drafter = True
@@ -705,7 +705,7 @@ def test_worker_patch_applies_and_undoes_through_a_deferred_patch():
     vLLMColocateWorkerExtension (verl's module imports vllm, absent here)."""
     import types
 
-    from verl_mtp import patches
+    from verl_mtp.patches import core as patches_core, rollout as patches
 
     class vLLMColocateWorkerExtension:
         def update_weights_from_ipc(self, peft_config=None, base_sync_done=False, use_shm=False):
@@ -718,7 +718,7 @@ def test_worker_patch_applies_and_undoes_through_a_deferred_patch():
     module = types.ModuleType("verl_mtp_test_fake_vllm_utils")
     module.vLLMColocateWorkerExtension = vLLMColocateWorkerExtension
     sys.modules[module.__name__] = module
-    patch = patches.deferred_patch("t", "test", {module.__name__: patches._patch_vllm_worker_extension})
+    patch = patches_core.deferred_patch("t", "test", {module.__name__: patches.patch_vllm_worker_extension})
     try:
         patch.apply()
         worker = vLLMColocateWorkerExtension()
@@ -756,7 +756,7 @@ def test_the_verdict_travels_from_the_trainer_worker_to_the_driver_step_metrics(
     from verl import DataProto
     from verl.single_controller.base.decorator import MAGIC_ATTR
 
-    from verl_mtp.patches import _worker_update_weights_returning_drafter_metrics
+    from verl_mtp.patches.rollout import worker_update_weights_returning_drafter_metrics as _worker_update_weights_returning_drafter_metrics
 
     # The real worker method is wrapped and keeps verl's dispatch attributes (ONE_TO_ALL, non-blocking).
     patched = engine_workers.ActorRolloutRefWorker.update_weights
@@ -863,18 +863,18 @@ class _Replica:
     the server and the worker extension."""
 
     def __init__(self, data_parallel, mode="auto", stale_engines=()):
-        from verl_mtp import patches
+        from verl_mtp.patches import rollout as patches
 
         self.restore = []
         stream = _mtp_stream(0)
         is_mtp = mtp_tensor_classifier(MIMO)
         shapes = [(n, tuple(t.shape), t.dtype) for n, t in stream if is_mtp(n)]
         extension = _fake_worker_extension()
-        patches._patch_vllm_worker_extension(types.SimpleNamespace(vLLMColocateWorkerExtension=extension), self.restore)
+        patches.patch_vllm_worker_extension(types.SimpleNamespace(vLLMColocateWorkerExtension=extension), self.restore)
         self.engines = [[extension(dp, data_parallel, shapes, skip_drafter=dp in stale_engines)]
                         for dp in range(data_parallel)]
         server_module = types.SimpleNamespace(vLLMHttpServer=vLLMHttpServer)
-        patches._patch_vllm_http_server(server_module, self.restore)
+        patches.patch_vllm_http_server(server_module, self.restore)
         server = vLLMHttpServer(_DataParallelEngineClient(self.engines))
         workers = [w for engine in self.engines for w in engine]
 
@@ -894,7 +894,7 @@ class _Replica:
             async def _execute_method(self, method, non_block=False, timeout=None, args=(), kwargs=None):
                 return await server.collective_rpc(method, timeout=timeout, args=args, kwargs=kwargs)
 
-        patches._patch_vllm_server_adapter(types.SimpleNamespace(ServerAdapter=ServerAdapter), self.restore)
+        patches.patch_vllm_server_adapter(types.SimpleNamespace(ServerAdapter=ServerAdapter), self.restore)
         self.adapter = ServerAdapter()
 
     def sync(self, seed):

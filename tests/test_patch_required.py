@@ -92,10 +92,10 @@ import json
 import importlib.metadata as metadata
 real_version = metadata.version
 metadata.version = lambda name: "0.20.0" if name == "megatron-core" else real_version(name)
-from verl_mtp import plugin
 from verl_mtp.config import ExtendedMtpConfig
+from verl_mtp.patches.core import require_patches
 try:
-    plugin.require_patches(ExtendedMtpConfig(mtp_training_mode="standalone"), "test")
+    require_patches(ExtendedMtpConfig(mtp_training_mode="standalone"), "test")
     result = "ok"
 except Exception as exc:
     result = type(exc).__name__ + ": " + str(exc)
@@ -110,11 +110,11 @@ def test_unsupported_megatron_core_is_refused_at_run_time(run_python):
 
 
 def test_healthy_install_passes_the_check():
-    from verl_mtp import plugin
     from verl_mtp.config import ExtendedMtpConfig
+    from verl_mtp.patches.core import require_patches
 
     for mtp in (
         ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ"),
         ExtendedMtpConfig(mtp_training_mode="standalone"),
     ):
-        plugin.require_patches(mtp, "test")  # raises if anything this process imported is unpatched
+        require_patches(mtp, "test")  # raises if anything this process imported is unpatched

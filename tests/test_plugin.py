@@ -53,6 +53,93 @@ def test_importing_verl_mtp_before_verl_works(run_python):
     assert "FAILED" not in proc.stderr
 
 
+def test_config_imported_first_gets_its_patch_when_its_import_finishes(run_python):
+    # verl_mtp.config applies nothing itself: the plugin (loaded by the config's own `import verl`)
+    # waits for the config module to finish, then patches verl, and stops watching the package.
+    proc = run_python(
+        """
+        import sys, types
+        import verl_mtp.config
+        import verl.workers.config.model as model_mod
+        print("FIELD=" + model_mod.HFModelConfig.__dataclass_fields__["mtp"].type.__qualname__)
+        print("PACKAGE_CLASS=" + str(type(sys.modules["verl_mtp"]) is types.ModuleType))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "FIELD=ExtendedMtpConfig" in proc.stdout and "PACKAGE_CLASS=True" in proc.stdout
+    with open(verl_mtp_file("config.py")) as source:
+        assert "apply_patches" not in source.read()
+
+
+def verl_mtp_file(name):
+    import os
+
+    import verl_mtp
+
+    return os.path.join(os.path.dirname(verl_mtp.__file__), name)
+
+
+DENY_SNIPPET = """
+import json
+import verl
+from verl_mtp import plugin
+from verl_mtp.config import ExtendedMtpConfig
+from verl_mtp.patches.core import require_patches
+result = {"status": plugin.status()}
+for name, mtp in {"ce": ExtendedMtpConfig(mtp_training_mode="standalone"), "off": ExtendedMtpConfig()}.items():
+    try:
+        require_patches(mtp, "test")
+        result[name] = "ok"
+    except Exception as exc:
+        result[name] = type(exc).__name__ + ": " + str(exc)
+print("RESULT=" + json.dumps(result))
+"""
+
+
+def _result(proc):
+    assert proc.returncode == 0, proc.stderr
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT=")][-1]
+    return json.loads(line[len("RESULT="):])
+
+
+def test_env_var_denies_a_patch_and_a_run_that_needs_it_names_the_env_var(run_python):
+    result = _result(run_python(DENY_SNIPPET, env={"VERL_MTP_PATCHES": "-mtp_checkpoint, -spec_step_metrics"}))
+    status = result["status"]
+    assert status["mtp_checkpoint"] == status["spec_step_metrics"] == (
+        "switched off by VERL_MTP_PATCHES='-mtp_checkpoint, -spec_step_metrics'")
+    assert {v for k, v in status.items() if k not in ("mtp_checkpoint", "spec_step_metrics")} == {"applied"}
+    assert result["ce"].startswith("PatchNotActiveError")
+    assert "patch 'mtp_checkpoint' is switched off by VERL_MTP_PATCHES" in result["ce"]
+    assert "patch 'spec_step_metrics'" not in result["ce"]  # not a patch the trainer needs
+    assert result["off"] == "ok"
+
+
+def test_env_var_allows_only_the_named_patches(run_python):
+    result = _result(run_python(DENY_SNIPPET, env={"VERL_MTP_PATCHES": "extended_mtp_config,driver_mtp_validation"}))
+    applied = {k for k, v in result["status"].items() if v == "applied"}
+    assert applied == {"extended_mtp_config", "driver_mtp_validation"}
+    assert "patch 'mtp_forward' is switched off by VERL_MTP_PATCHES" in result["ce"]
+
+
+def test_env_var_with_an_unknown_name_is_refused_naming_the_patches(run_python):
+    from verl_mtp import plugin
+    from verl_mtp.errors import MtpConfigError
+
+    for bad in ("mtp_forwrd", "-mtp_forward,bogus", "mtp_forward,-mtp_checkpoint"):
+        with pytest.raises(MtpConfigError, match=r"VERL_MTP_PATCHES=.* is invalid: .*patch names: extended_mtp_config, "
+                                                 r"driver_mtp_validation, .*mtp_complete_export"):
+            plugin.selected_patches(bad)
+    assert [p.name for p in plugin.selected_patches(" all ")] == [p.name for p in plugin.selected_patches("")]
+    # At plugin load (inside `import verl`, which would hide an exception): loud, nothing applied,
+    # and a run with MTP stops naming the setting.
+    proc = run_python(DENY_SNIPPET, env={"VERL_MTP_PATCHES": "mtp_forwrd"})
+    result = _result(proc)
+    assert "VERL_MTP_PATCHES='mtp_forwrd' is invalid" in proc.stderr and "patch names: extended_mtp_config" in proc.stderr
+    assert not any(v == "applied" for v in result["status"].values())
+    assert "switched off by an invalid VERL_MTP_PATCHES" in result["ce"]
+    assert result["off"] == "ok"
+
+
 def test_broken_host_is_reported_loudly_and_import_survives(run_python):
     # verl without the dataclass field the config patch extends: the patch must refuse, say so
     # on stderr with the versions found, and leave `import verl` working.
@@ -153,6 +240,7 @@ def test_a_failing_patch_is_reported_and_others_still_apply(capsys):
     assert applied.applied and not broken.applied
     err = capsys.readouterr().err
     assert "[verl-mtp] ERROR" in err and "deliberately_broken" in err and "verl 0.9.1" in err
+    assert "Traceback (most recent call last)" in err and "in boom" in err
 
 
 def test_deferred_megatron_patch_wraps_check_mtp_config_on_import(run_python):

@@ -1,74 +1,78 @@
 """verl's entry point into verl-mtp (group ``verl.plugins``).
 
 ``import verl`` imports this module in every process (driver, TaskRunner, Ray workers, rollout
-servers) unless ``VERL_USE_EXTERNAL_PLUGINS=none``. Importing it activates verl-mtp: the patches
-in ``verl_mtp.patches`` are applied once. verl logs plugin import errors only at DEBUG level, so
-a patch that fails is reported here, on stderr and as a warning, with the versions found; a
-failure never breaks ``import verl`` (a run without MTP does not need the patches). A run whose
-MTP config needs a patch that did not apply is stopped by ``require_patches``, which the engine's
-initialisation and the actor loss call: the feature is never silently left out.
+servers) unless ``VERL_USE_EXTERNAL_PLUGINS=none``. Importing it activates verl-mtp once per
+process: the patches in ``verl_mtp.patches`` that ``VERL_MTP_PATCHES`` allows are applied. verl
+logs plugin import errors only at DEBUG level, so a patch that fails is reported here, loudly and
+with its traceback; a failure never breaks ``import verl`` (a run without MTP does not need the
+patches). A run whose MTP config needs a patch that is not active is stopped by
+``require_patches`` (verl_mtp.patches.core), which the engine's initialisation and the actor loss
+call: the feature is never silently left out.
+
+``VERL_MTP_PATCHES``: ``all`` (default); ``name,name``: only these; ``-name,-name``: all but these.
 """
 
 from __future__ import annotations
 
-import sys
-import warnings
+import os
 
-from verl_mtp.patches import (
-    ALL_PATCHES,
-    DEPTH_OVERRIDE,
-    EXTENDED_MTP_CONFIG,
-    MTP_CHECKPOINT,
-    MTP_COMPLETE_EXPORT,
-    MTP_FORWARD,
-    MTP_POLICY_LOSS,
-    OCC_UPDATE_SCHEDULE,
+from verl_mtp.errors import MtpConfigError, invalid_value, report_loudly
+from verl_mtp.patches import ALL_PATCHES
+from verl_mtp.patches.core import (
+    PATCHES_ENV,
     Patch,
-    PatchDeferred,
-    PatchError,
-    check_megatron_core_version,
-    installed_versions,
+    VerlMtpPluginWarning,
+    failure_of,
+    forget_failure,
+    report_failure,
+    switch_off,
+    switch_on,
+    switched_off,
 )
 
-_failures: dict[str, str] = {}
+__all__ = ["PATCHES_ENV", "VerlMtpPluginWarning", "apply_patches", "deactivate", "selected_patches", "status"]
 
 
-class VerlMtpPluginWarning(RuntimeWarning):
-    pass
-
-
-class PatchNotActiveError(RuntimeError):
-    """A patch that the run's MTP config needs is not active in this process."""
-
-
-def report_failure(patch_name: str, exc: BaseException) -> None:
-    versions = ", ".join(f"{k} {v}" for k, v in installed_versions().items())
-    message = (
-        f"verl-mtp: patch '{patch_name}' FAILED to apply: {type(exc).__name__}: {exc}. "
-        f"A run whose MTP config needs it stops at the engine's initialisation. Versions found: {versions}."
-    )
-    _failures[patch_name] = message
-    # Both channels: stderr always shows in Ray worker logs; the warning is catchable in tests.
-    print(f"[verl-mtp] ERROR: {message}", file=sys.stderr, flush=True)
-    warnings.warn(message, VerlMtpPluginWarning, stacklevel=2)
+def selected_patches(setting: str | None = None, patches: tuple[Patch, ...] = ALL_PATCHES) -> tuple[Patch, ...]:
+    """The patches ``VERL_MTP_PATCHES`` (or ``setting``) allows, in order; MtpConfigError for a
+    name that is not a patch or a list that mixes allowing and denying."""
+    setting = os.environ.get(PATCHES_ENV, "all") if setting is None else setting
+    names = [n.strip() for n in setting.split(",") if n.strip()]
+    if names in ([], ["all"]):
+        return patches
+    denied = [n[1:] for n in names if n.startswith("-")]
+    valid = [p.name for p in patches]
+    expected = (f"'all', a comma-separated list of patch names to apply, or of -names to leave out; "
+                f"patch names: {', '.join(valid)}")
+    unknown = [n for n in (denied or names) if n not in valid]
+    if unknown or (denied and len(denied) != len(names)):
+        raise MtpConfigError(invalid_value(PATCHES_ENV, setting, expected))
+    return tuple(p for p in patches if (p.name not in denied if denied else p.name in names))
 
 
 def apply_patches(patches: tuple[Patch, ...] = ALL_PATCHES) -> bool:
-    """Apply ``patches`` (idempotent); report each failure loudly. True if all are applied."""
+    """Apply the ``patches`` that ``VERL_MTP_PATCHES`` allows (idempotent); report each failure
+    loudly. True if all of them are applied; the ones left out are recorded for require_patches."""
+    chosen = selected_patches(patches=patches)
     ok = True
     for patch in patches:
-        if patch.applied:
+        if patch not in chosen:
+            switch_off(patch.name, f"{PATCHES_ENV}={os.environ.get(PATCHES_ENV)!r}")
             continue
-        _failures.pop(patch.name, None)  # before: applying runs deferred steps that may report
-        try:
-            patch.apply()
-            ok = ok and patch.name not in _failures
-        except PatchDeferred:
-            ok = False
-        except Exception as exc:  # noqa: BLE001 - reported, never swallowed
-            report_failure(patch.name, exc)
-            ok = False
+        switch_on(patch.name)
+        ok = _apply_one(patch) and ok
     return ok
+
+
+def _apply_one(patch: Patch) -> bool:
+    if patch.applied:
+        return True
+    forget_failure(patch.name)  # before: applying runs deferred steps that may report
+    try:
+        patch.apply()
+    except Exception as exc:  # noqa: BLE001 - reported, never swallowed
+        report_failure(patch.name, exc)
+    return patch.applied and failure_of(patch.name) is None
 
 
 def deactivate(patches: tuple[Patch, ...] = ALL_PATCHES) -> None:
@@ -78,50 +82,25 @@ def deactivate(patches: tuple[Patch, ...] = ALL_PATCHES) -> None:
 
 
 def status() -> dict[str, str]:
-    """Patch name -> 'applied' | 'not applied' | the failure message."""
+    """Patch name -> 'applied' | 'not applied' | 'switched off by ...' | the failure message."""
     # A deferred patch is "applied" from plugin load on; its failure on a target module wins.
-    return {
-        p.name: _failures[p.name] if p.name in _failures else "applied" if p.applied else "not applied"
-        for p in ALL_PATCHES
-    }
+    def one(patch: Patch) -> str:
+        if failure_of(patch.name):
+            return failure_of(patch.name)
+        if switched_off(patch.name):
+            return f"switched off by {switched_off(patch.name)}"
+        return "applied" if patch.applied else "not applied"
+
+    return {p.name: one(p) for p in ALL_PATCHES}
 
 
-def patches_needed(mtp) -> tuple[Patch, ...]:
-    """The trainer-side patches an ``ExtendedMtpConfig`` relies on (rollout-side ones run elsewhere)."""
-    if not mtp.enable:
-        return ()
-    needed = [EXTENDED_MTP_CONFIG, DEPTH_OVERRIDE, MTP_CHECKPOINT, MTP_COMPLETE_EXPORT]
-    if mtp.enable_train:
-        needed += [MTP_FORWARD, MTP_POLICY_LOSS]
-        if mtp.mtp_coef_mode == "occ":
-            needed.append(OCC_UPDATE_SCHEDULE)
-    return tuple(needed)
-
-
-def require_patches(mtp, where: str) -> None:
-    """Stop ``where`` with PatchNotActiveError when a patch ``mtp`` needs is not active here, or
-    megatron-core is not a supported version. Names the patch, its error and the versions."""
-    if not mtp.enable:
-        return
-    problems = []
+def _activate() -> None:
     try:
-        check_megatron_core_version()
-    except PatchError as exc:
-        problems.append(f"megatron-core: {exc}")
-    for patch in patches_needed(mtp):
-        if patch.name in _failures:
-            problems.append(f"patch '{patch.name}': {_failures[patch.name]}")
-        elif not patch.applied:
-            problems.append(f"patch '{patch.name}' is not applied (plugin not loaded, or deactivated)")
-        elif patch.unfinished_targets():
-            problems.append(f"patch '{patch.name}' did not finish on {', '.join(patch.unfinished_targets())}")
-    if problems:
-        versions = ", ".join(f"{k} {v}" for k, v in installed_versions().items())
-        raise PatchNotActiveError(
-            f"verl-mtp cannot apply this MTP config ({where}): " + "; ".join(problems)
-            + f". Versions found: {versions}. Fix the install (see the README's version matrix) or set "
-            f"actor_rollout_ref.model.mtp.enable=False to run without MTP."
-        )
+        apply_patches()
+    except MtpConfigError as exc:  # a bad VERL_MTP_PATCHES: nothing applied, every patch reports it
+        report_loudly(f"ERROR: {exc}; no verl-mtp patch is applied", VerlMtpPluginWarning)
+        for patch in ALL_PATCHES:
+            switch_off(patch.name, f"an invalid {PATCHES_ENV} ({exc})")
 
 
-apply_patches()
+_activate()

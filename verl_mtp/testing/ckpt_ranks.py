@@ -114,11 +114,13 @@ def save_without_checks(manager, path, edit) -> None:
     exporter would leave it (a tensor dropped, a shape changed)."""
     from verl.utils.checkpoint.megatron_checkpoint_manager import MegatronCheckpointManager
 
+    from verl_mtp.patches.core import original_of
+
     build = manager._build_model_sharded_state_dict
     manager._build_model_sharded_state_dict = lambda metadata: {"model": edit(dict(build(metadata)["model"]))}
     try:
         with cpu_checkpointing():
-            MegatronCheckpointManager.save_checkpoint.__verl_mtp_original__(manager, str(path), global_step=1)
+            original_of(MegatronCheckpointManager.save_checkpoint)(manager, str(path), global_step=1)
     finally:
         del manager._build_model_sharded_state_dict
 

@@ -151,9 +151,10 @@ def weight_sync_rank(rank: int, checkpoint: str, save_root: str):
     from verl.workers.engine.megatron import transformer_impl
 
     from verl_mtp.config import ExtendedMtpConfig
+    from verl_mtp.patches.core import is_patched
     from verl_mtp.testing.real_engine import RealEngine
 
-    if not hasattr(transformer_impl.MegatronEngine.get_per_tensor_param, "__verl_mtp_original__"):
+    if not is_patched(transformer_impl.MegatronEngine.get_per_tensor_param):
         raise RuntimeError("verl-mtp's mtp_complete_export patch is not applied to MegatronEngine")
     real = RealEngine.build(checkpoint, ExtendedMtpConfig(enable=True, enable_train=True), pipeline_parallel=2)
     engine = real.engine
