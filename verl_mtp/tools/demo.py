@@ -58,6 +58,10 @@ class DemoOptionsError(VerlMtpError, ValueError):
     """A bad demo option (the CLI prints it and exits 2)."""
 
 
+class DemoRunError(VerlMtpError, RuntimeError):
+    """The demo's model did not behave as the demo builds it (a bug, not a bad option)."""
+
+
 def regime_config(name: str, coef: float = 0.1):
     """The ExtendedMtpConfig of a demo regime (the same keys a real run sets)."""
     from verl_mtp.config import ExtendedMtpConfig
@@ -248,7 +252,7 @@ def _score_head(model, prompts, responses) -> dict:
         hook.remove()
         model.train()
     if "hidden" not in captured:
-        raise RuntimeError("the model's forward did not run its MTP block; cannot measure the head")
+        raise DemoRunError("the model's forward did not run its MTP block; cannot measure the head")
     hidden = torch.chunk(captured["hidden"], 2, dim=0)[1]  # [s, b, h]: depth 1
     with cpu_megatron():
         logits, _ = model.output_layer(hidden)
@@ -301,7 +305,7 @@ def load_parameters(model, parameters: dict) -> None:
     missing = set(own) - set(parameters)
     unused = {n for n in set(parameters) - set(own) if not (n.startswith("mtp.") and getattr(model, "mtp", None) is None)}
     if missing or unused:
-        raise RuntimeError(f"parameter names differ: {sorted(missing | unused)}")
+        raise DemoRunError(f"parameter names differ: {sorted(missing | unused)}")
     with torch.no_grad():
         for name, p in own.items():
             p.copy_(parameters[name])
