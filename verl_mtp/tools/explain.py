@@ -121,26 +121,26 @@ def build_plan(config) -> MtpPlan:
                 f"stock verl on this megatron-core would send MTP gradient to "
                 f"{', '.join(GROUP_LABELS[g] for g in stock)}; verl-mtp's MTP forward makes the regime hold"
             )
-    if mtp.mtp_coef_mode == "occ" and mtp.occ_scope == "mini_batch":
+    if mtp.needs_occ_prepass:
         notes.append("OCC over the whole mini-batch: one extra no-grad forward per mini-batch (occ_scope=micro_batch avoids it)")
     if mtp.is_training and mtp.mtp_logits_chunk_tokens == 0:
         notes.append(
             "mtp_logits_chunk_tokens=0: each MTP depth keeps whole-micro-batch vocabulary logits until "
             "backward (memory grows with context length); the default 2048 bounds them"
         )
-    if mtp.mtp_coef_mode == "occ" and mtp.mtp_training_mode == "standalone":
+    if mtp.uses_occ and mtp.mtp_training_mode == "standalone":
         notes.append(
             "OCC with standalone: the MTP term reaches no shared parameter, and Adam divides the head's gradient "
             "by its running scale, so rescaling lambda changes the head's update little; its sign does"
         )
-    if mtp.mtp_coef_mode == "occ" and (mtp.occ_coef_min is None or mtp.occ_coef_min < 0):
+    if mtp.uses_occ and (mtp.occ_coef_min is None or mtp.occ_coef_min < 0):
         notes.append(
             "OCC lambda may go negative (occ_coef_min unset, as in the paper): the MTP term then trains the head "
             "away from the policy at Adam's full step size; occ_coef_min=0 prevents it"
         )
 
     policy_loss_mode = None
-    if mtp.mtp_loss_type == "rl":
+    if mtp.uses_rl_loss:
         policy_loss_mode = str(config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla"))
 
     engine = config.actor_rollout_ref.rollout.get("name")

@@ -12,14 +12,8 @@ from typing import Callable, Iterable, Mapping, Optional
 
 from verl_mtp.config import DRAFTER_SYNC_CHECKS, MTP_KEY_PREFIX
 from verl_mtp.errors import MtpConfigError, VerlMtpError, VerlMtpWarning, invalid_value, report_loudly
-from verl_mtp.rollout.drafter_sync.channel import (
-    DRAFTER_METRICS,
-    METRIC_CHECKED_FRACTION,
-    METRIC_IN_SYNC,
-    METRIC_WORKERS_CHECKED,
-    METRIC_WORKERS_EXPECTED,
-    DrafterMetricsChannel,
-)
+import verl_mtp.rollout.drafter_sync.channel as metric
+from verl_mtp.rollout.drafter_sync.channel import DRAFTER_METRICS, DrafterMetricsChannel
 from verl_mtp.rollout.drafter_sync.fingerprint import TensorFingerprint
 from verl_mtp.rollout.drafter_sync.recorder import StreamFingerprints
 from verl_mtp.rollout.drafter_sync.verdict import SyncVerdict, compare_drafter_sync
@@ -62,9 +56,9 @@ def _coverage_metrics(verdict: SyncVerdict) -> dict[str, float]:
     if not verdict.workers_expected:
         return {}
     return {
-        METRIC_WORKERS_CHECKED: float(verdict.workers_seen),
-        METRIC_WORKERS_EXPECTED: float(verdict.workers_expected),
-        METRIC_CHECKED_FRACTION: min(verdict.workers_seen, verdict.workers_expected) / verdict.workers_expected,
+        metric.METRIC_WORKERS_CHECKED: float(verdict.workers_seen),
+        metric.METRIC_WORKERS_EXPECTED: float(verdict.workers_expected),
+        metric.METRIC_CHECKED_FRACTION: min(verdict.workers_seen, verdict.workers_expected) / verdict.workers_expected,
     }
 
 
@@ -84,7 +78,7 @@ def enforce_drafter_sync(verdict: SyncVerdict, mode: str, announce_incomplete: b
         return {}
     metrics = _coverage_metrics(verdict)
     if verdict.in_sync:
-        return {**metrics, METRIC_IN_SYNC: 1.0}
+        return {**metrics, metric.METRIC_IN_SYNC: 1.0}
     if not verdict.problems:  # the workers seen agree, but not all workers were seen
         message = verdict.incomplete_message()
         if mode == "raise":
@@ -102,7 +96,7 @@ def enforce_drafter_sync(verdict: SyncVerdict, mode: str, announce_incomplete: b
         )
     action = _request_speculation_off(f"drafter out of sync after weight sync #{verdict.sync_index}")
     report_loudly(f"ERROR: {verdict.message()}\n[verl-mtp] drafter_sync_check=warn: {action}.", DrafterSyncWarning)
-    return {**metrics, METRIC_IN_SYNC: 0.0}
+    return {**metrics, metric.METRIC_IN_SYNC: 0.0}
 
 
 class DrafterSyncChecker:
