@@ -35,6 +35,7 @@ from verl_mtp.ckpt import mtp_manifest
 from verl_mtp.ckpt.mtp_manifest import MANIFEST_NAME, MtpCheckpointError
 from verl_mtp.config import ExtendedMtpConfig, MtpConfigError
 from verl_mtp.local_megatron import engine_step
+from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec, build_tiny_gpt
 from verl_mtp.testing.ckpt_ranks import (
     cpu_checkpointing,
     dropping,
@@ -45,7 +46,6 @@ from verl_mtp.testing.ckpt_ranks import (
     save_without_checks,
 )
 from verl_mtp.testing.engine_step import in_update_step
-from verl_mtp.local_megatron.tiny_gpt import TinyGPTSpec, build_tiny_gpt
 
 pytestmark = pytest.mark.megatron
 
