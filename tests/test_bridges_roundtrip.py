@@ -159,7 +159,7 @@ def test_registration_gives_verl_vanilla_mbridge_the_corrected_bridges():
     from mbridge.core.bridge import _MODEL_REGISTRY
 
     import verl.models.mcore.mbridge  # noqa: F401 - the module verl's vanilla_mbridge path imports
-    from verl_mtp.patches import MTP_COMPLETE_EXPORT
+    from verl_mtp.patches.catalog import MTP_COMPLETE_EXPORT
 
     assert MTP_COMPLETE_EXPORT.applied
     ours = bridge_classes()

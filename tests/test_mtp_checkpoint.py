@@ -363,7 +363,7 @@ def test_patch_is_applied_and_undoable():
     from verl.utils.checkpoint.megatron_checkpoint_manager import MegatronCheckpointManager
 
     from verl_mtp import plugin
-    from verl_mtp.patches import MTP_CHECKPOINT
+    from verl_mtp.patches.catalog import MTP_CHECKPOINT
 
     assert plugin.status()["mtp_checkpoint"] == "applied"
     methods = ("save_checkpoint", "_finalize_save", "load_checkpoint")

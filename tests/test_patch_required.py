@@ -18,7 +18,8 @@ def _result(proc):
 ENGINE_INIT_WITH_BROKEN_SCHEDULE_PATCH = """
 import json, sys
 import verl.workers.engine.base as base
-from verl_mtp import patches, plugin
+from verl_mtp import plugin
+from verl_mtp.patches import catalog as patches
 plugin.deactivate((patches.OCC_UPDATE_SCHEDULE,))
 # A verl whose BaseEngine.train_batch lost its loss_function parameter: the patch must refuse it.
 def train_batch(self, data):
@@ -59,7 +60,8 @@ def test_engine_init_stops_when_a_needed_patch_failed(run_python):
 LOSS_WITH_BROKEN_FORWARD_PATCH = """
 import json
 import verl.workers.engine.megatron.transformer_impl as engine_module
-from verl_mtp import patches, plugin
+from verl_mtp import plugin
+from verl_mtp.patches import catalog as patches
 plugin.deactivate((patches.MTP_FORWARD,))
 # A verl whose logits processor lost its temperature parameter: the MTP forward patch refuses it,
 # so verl-mtp's engine-initialisation hook (which rides on that patch) is absent too.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from verl_mtp import plugin
-from verl_mtp.patches import ALL_PATCHES
+from verl_mtp.patches.catalog import ALL_PATCHES
 from verl_mtp.patches.core import ABSENT, MappingItems
 
 # Target modules that import what is not installed here (vLLM; transfer_queue for verl's v1

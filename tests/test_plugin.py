@@ -228,7 +228,7 @@ def test_apply_is_idempotent_and_undo_restores_verl():
 
 def test_a_failing_patch_is_reported_and_others_still_apply(capsys):
     from verl_mtp import plugin
-    from verl_mtp.patches import Patch
+    from verl_mtp.patches.core import Patch
 
     def boom():
         raise RuntimeError("target moved")

@@ -314,7 +314,7 @@ def test_patch_wraps_verls_metric_functions_and_registers_servers():
     import verl.trainer.ppo.ray_trainer as ray_trainer
     import verl.workers.rollout.llm_server as llm_server
     from verl import DataProto
-    from verl_mtp.patches import SPEC_STEP_METRICS
+    from verl_mtp.patches.catalog import SPEC_STEP_METRICS
 
     assert SPEC_STEP_METRICS.applied
     assert ray_trainer.compute_spec_decode_metrics.__verl_mtp_original__.__module__ == "verl.trainer.ppo.ray_trainer"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from verl_mtp.errors import MtpConfigError, invalid_value, report_loudly
-from verl_mtp.patches import ALL_PATCHES
+from verl_mtp.patches.catalog import ALL_PATCHES
 from verl_mtp.patches.core import (
     PATCHES_ENV,
     Patch,
