@@ -3,7 +3,7 @@
 verl's ``MegatronCheckpointManager`` saves whatever the model's sharded state dict (or the HF
 bridge) holds and loads whatever the new model asks for; nothing notices when the MTP head is
 missing, incomplete or of another shape, and OCC's state is not saved at all. The
-``mtp_checkpoint`` patch (verl_mtp/patches.py) runs the functions below around the manager's
+``mtp_checkpoint`` patch (verl_mtp/patches/checkpoint.py) runs the functions below around the manager's
 save and load:
 
 save (all ranks)       ``prepare_mtp_save``: list the model's ``mtp.*`` parameters, check each
