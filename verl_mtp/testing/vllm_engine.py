@@ -1,0 +1,194 @@
+"""Tiny MiMo checkpoints exported by verl-mtp's bridges, run by vLLM's real CPU engine.
+
+Two sides, each run as its own child process by ``tests/test_vllm_engine.py``:
+
+- ``export`` (needs megatron-core + mbridge, not verl): a tiny MiMo checkpoint is loaded into a
+  megatron-core GPTModel with MTP (``load_hf_model``), its weights are set to a construction
+  whose draft is known (below), and ``export_hf_weights`` writes it back as a Hugging Face
+  checkpoint that vLLM loads as ``MiMoForCausalLM``.
+- ``engine`` (needs vllm, not verl): one ``vllm.LLM`` in this process, greedy generation, and
+  the spec-decode counters from ``LLM.get_metrics()``.
+
+They run as separate processes because megatron's single-process setup and vLLM's in-process
+engine both initialise torch.distributed, and one process holds one vLLM engine cleanly.
+
+The construction: the trunk's attention and MLP write nothing to the residual stream (their
+output projections are zero, all norms are ones), and the output layer is the embedding with
+its rows permuted, so the trunk's greedy next token is ``succ[x]`` for a fixed permutation
+``succ`` without fixed points. A matched MTP head keeps only the token half of ``input_proj``
+(identity) and an identity block, so at position t it predicts ``succ[x_{t+1}]`` = x_{t+2}:
+acceptance 1 at T = 0. With ``input_proj``'s halves in the wrong order it reads the hidden half
+instead and predicts ``succ[x_t]`` = x_{t+1} != x_{t+2}: acceptance 0. A random head is near
+chance (1 / vocab).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HIDDEN, VOCAB = 128, 1024
+MIMO_SHAPE = dict(hidden_size=HIDDEN, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=VOCAB, max_position_embeddings=512)  # head_dim 32: CPU attention needs >= 32
+HEADS = ("matched", "random", "swapped")
+INPUT_PROJ = "model.mtp_layers.0.input_proj.weight"
+PROMPTS = ["The quick brown fox", "def main():", "Speculative decoding with an MTP head", "1 2 3 4 5 6"]
+
+
+# --- export side (megatron-core) ------------------------------------------------------------------
+
+def successor(vocab: int = VOCAB, seed: int = 0):
+    """A permutation of the vocabulary made of one cycle: no token is its own successor."""
+    import torch
+
+    order = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))
+    succ = torch.empty(vocab, dtype=torch.long)
+    succ[order] = order.roll(-1)
+    return succ
+
+
+def _set_bigram_trunk(model, succ) -> None:
+    """Trunk whose greedy next token is ``succ[last token]``: blocks write nothing, norms are ones,
+    output row succ[x] is x's embedding (random embeddings in 128 dims: self-similarity wins)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("decoder.") and name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+                p.zero_()
+            elif name.startswith("decoder.") and p.dim() == 1 and "norm" in name:
+                p.fill_(1.0)
+        emb = model.embedding.word_embeddings.weight
+        out = model.output_layer.weight
+        out[succ] = emb.detach().clone()
+
+
+def _set_matched_head(model) -> None:
+    """MTP depth 0 passes the normalised embedding of the next token through unchanged."""
+    import torch
+
+    layer = model.mtp.layers[0]
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+                p.zero_()
+            elif p.dim() == 1 and "norm" in name:
+                p.fill_(1.0)
+        eh = layer.eh_proj.weight
+        eh.zero_()
+        # megatron concatenates [embedding, hidden]: the identity goes on the embedding half.
+        eh[:, :HIDDEN] = torch.eye(HIDDEN)
+        probe_h, probe_e = torch.randn(3, 1, HIDDEN), torch.randn(3, 1, HIDDEN)
+        got = layer._concat_embeddings(probe_h, probe_e)
+        want = probe_e * torch.rsqrt(probe_e.pow(2).mean(-1, keepdim=True) + layer.enorm.eps)
+        if not torch.allclose(got, want, atol=1e-4):
+            raise AssertionError("megatron's MTP projection does not read the embedding half first")
+
+
+def write_tokenizer(path: str, vocab: int = VOCAB) -> None:
+    """A byte-level BPE tokenizer trained offline, padded with added tokens to exactly ``vocab``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab - 64, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    words = "the quick brown fox jumps over a lazy dog while speculative decoding drafts tokens".split()
+    corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + f" {i} def f{i}(x): return x"
+              for i in range(400)]
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([f"<extra_{i}>" for i in range(vocab - tok.get_vocab_size())])
+    if tok.get_vocab_size() != vocab:
+        raise AssertionError(f"tokenizer has {tok.get_vocab_size()} tokens, want {vocab}")
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                   "bos_token": None, "model_max_length": 512}, f)
+
+
+def export_checkpoints(out: str, seed: int = 0) -> dict[str, str]:
+    """Write ``out/{matched,random,swapped}`` (and ``successor.json``); returns head -> path."""
+    from verl_mtp.local_megatron.hf_model import export_hf_weights, load_hf_model
+    from verl_mtp.models.mtp_bridge import swap_halves
+    from verl_mtp.testing.tiny_hf import tiny_config, write_checkpoint, write_tiny_checkpoint
+
+    source = os.path.join(out, "source")
+    write_tiny_checkpoint(source, "mimo", 1, seed=seed, **MIMO_SHAPE)
+    # vLLM builds MiMo from a qwen2 config with MiMo's architecture name and MTP depth count.
+    config = dict(tiny_config("mimo", 1, **MIMO_SHAPE), model_type="qwen2")
+    succ = successor(seed=seed)
+    paths = {}
+    for head in ("random", "matched"):
+        loaded = load_hf_model(source)
+        _set_bigram_trunk(loaded.model, succ)
+        if head == "matched":
+            _set_matched_head(loaded.model)
+        tensors = export_hf_weights(loaded)
+        variants = {head: tensors}
+        if head == "matched":
+            variants["swapped"] = dict(tensors, **{INPUT_PROJ: swap_halves(tensors[INPUT_PROJ])})
+        for name, t in variants.items():
+            paths[name] = write_checkpoint(os.path.join(out, name), config, t, shards=1)
+            write_tokenizer(paths[name])
+    with open(os.path.join(out, "successor.json"), "w") as f:
+        json.dump(succ.tolist(), f)
+    return paths
+
+
+# --- engine side (vLLM) ---------------------------------------------------------------------------
+
+def spec_counters(metrics) -> dict[str, float]:
+    """drafts / draft_tokens / accepted_tokens from ``LLM.get_metrics()`` (summed over labels)."""
+    want = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+            "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
+    out = dict.fromkeys(want.values(), 0.0)
+    for m in metrics:
+        if m.name in want:
+            out[want[m.name]] += float(m.value)
+    return out
+
+
+def run_engine(path: str, speculate: bool, max_tokens: int = 48) -> dict:
+    """Greedy generation of ``PROMPTS`` on vLLM's in-process CPU engine; token ids and counters."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=path, dtype="float32", max_model_len=256, max_num_seqs=4, seed=0,
+                  enforce_eager=True, disable_log_stats=False)
+    if speculate:
+        kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": 1}
+    llm = LLM(**kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    result = {"prompt_ids": [list(o.prompt_token_ids) for o in outputs],
+              "ids": [list(o.outputs[0].token_ids) for o in outputs]}
+    result.update(spec_counters(llm.get_metrics()))
+    result["acceptance"] = result["accepted_tokens"] / result["draft_tokens"] if result["draft_tokens"] else None
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export")
+    ex.add_argument("out")
+    en = sub.add_parser("engine")
+    en.add_argument("path")
+    en.add_argument("result")
+    en.add_argument("--no-spec", action="store_true")
+    args = parser.parse_args(argv)
+    if args.cmd == "export":
+        print(json.dumps(export_checkpoints(args.out)))
+    else:
+        result = run_engine(args.path, speculate=not args.no_spec)
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
