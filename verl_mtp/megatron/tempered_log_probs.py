@@ -74,9 +74,10 @@ class _TemperedLogProbs(torch.autograd.Function):
             scaled = _scaled_block(scratch, rows, temperature, block)
             peak = scaled.amax(dim=-1, keepdim=True)
             local_lse[block] = scaled.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
-        # the log-sum-exp over all vocabulary slices, from each rank's own
-        shift = _all_reduce(local_lse.clone(), torch.distributed.ReduceOp.MAX, group)
-        lse = shift + torch.log(_all_reduce(torch.exp(local_lse - shift), torch.distributed.ReduceOp.SUM, group))
+        lse = local_lse
+        if group is not None:  # the log-sum-exp over all vocabulary slices, from each rank's own
+            shift = _all_reduce(local_lse.clone(), torch.distributed.ReduceOp.MAX, group)
+            lse = shift + torch.log(_all_reduce(torch.exp(local_lse - shift), torch.distributed.ReduceOp.SUM, group))
         owned, local = _owned_labels(labels.reshape(-1), rows.shape[1], group)
         label_logit = torch.gather(rows, -1, local.unsqueeze(-1)).squeeze(-1).float()
         if temperature is not None:
