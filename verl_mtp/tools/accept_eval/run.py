@@ -40,6 +40,8 @@ class AcceptEvalReport:
     greedy: dict
     sampled: dict  # str(temperature) -> summary
     argmax_draft: dict  # str(temperature) -> summary
+    # per_anchor=True: one entry per scored sample (see per_anchor_values), else None
+    anchors: Optional[list] = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,14 +89,17 @@ def evaluate(
     data: str = "",
     family: Optional[str] = None,
     anchor_chunk: int = DEFAULT_ANCHOR_CHUNK,
+    per_anchor: bool = False,
 ) -> AcceptEvalReport:
-    """Teacher-forced acceptance of ``model``'s MTP head over ``samples`` (see the package doc)."""
+    """Teacher-forced acceptance of ``model``'s MTP head over ``samples`` (see the package doc).
+    ``per_anchor``: also keep every anchor's acceptances in ``report.anchors``."""
     check_options(k_max, temperatures)
     mtp = getattr(model, "mtp", None)
     if mtp is None or not len(getattr(mtp, "layers", ())):
         raise AcceptEvalError("the model has no MTP layers (model.mtp is missing); nothing to evaluate")
     model.eval()
     totals = _Totals(k_max, temperatures)
+    anchors = [] if per_anchor else None
     for sample in samples:
         if vocab_size:
             check_token_ids([sample], vocab_size)
@@ -103,6 +108,8 @@ def evaluate(
             vocab_size=vocab_size, device=device, anchor_chunk=anchor_chunk,
         )
         totals.add(scores, len(sample.response_ids))
+        if per_anchor and scores is not None:
+            anchors.append(per_anchor_values(sample, scores))
     if totals.sequences == 0:
         raise AcceptEvalError(
             f"no sample has a response of at least 2 tokens ({totals.skipped} too short); nothing to score"
@@ -123,7 +130,22 @@ def evaluate(
         greedy=totals.greedy.summary(),
         sampled={temperature_key(t): acc.summary() for t, acc in totals.sampled.items()},
         argmax_draft={temperature_key(t): acc.summary() for t, acc in totals.argmax_draft.items()},
+        anchors=anchors,
     )
+
+
+def per_anchor_values(sample: Sample, scores: SequenceScores) -> dict:
+    """One sample's acceptances, anchor by anchor: row r is anchor index ``first_anchor + r`` of
+    prompt+response (the index whose hidden state drafts; position j of the row drafts token
+    ``first_anchor + r + j + 1``); ``valid`` is False where that token lies past the response."""
+    return {
+        "line": sample.line,
+        "first_anchor": max(len(sample.prompt_ids) - 1, 0),
+        "valid": scores.valid.tolist(),
+        "greedy": scores.greedy.tolist(),
+        "sampled": {temperature_key(t): v.tolist() for t, v in scores.sampled.items()},
+        "argmax_draft": {temperature_key(t): v.tolist() for t, v in scores.argmax_draft.items()},
+    }
 
 
 def run_accept_eval(
@@ -136,6 +158,7 @@ def run_accept_eval(
     max_samples: Optional[int] = None,
     tokenizer: Optional[str] = None,
     anchor_chunk: int = DEFAULT_ANCHOR_CHUNK,
+    per_anchor: bool = False,
 ) -> AcceptEvalReport:
     """Load ``checkpoint`` through mbridge into megatron-core and evaluate it on ``data``.
 
@@ -159,7 +182,7 @@ def run_accept_eval(
     return evaluate(
         model, samples, k_max=k_max, temperatures=temperatures, vocab_size=vocab_size,
         device=next(model.parameters()).device, checkpoint=checkpoint, data=data, family=family.name,
-        anchor_chunk=anchor_chunk,
+        anchor_chunk=anchor_chunk, per_anchor=per_anchor,
     )
 
 
