@@ -15,7 +15,13 @@ The parts, each usable without a GPU or an inference engine:
 * ``enforcement`` - what happens on a mismatch (``actor_rollout_ref.model.mtp.drafter_sync_check``:
   auto | raise | warn | off) and ``DrafterSyncChecker``, the state between one replica's syncs;
 * ``channel`` - the metrics and the one explicit path they take to the driver's step metrics;
-* ``vllm`` - the glue verl 0.9.1's vLLM rollout calls (wired by the ``drafter_sync_check`` patch).
+* ``worker`` - the engine side inside a vLLM worker (recorder set-up around a weight load, report);
+* ``vllm`` - the trainer-side glue verl 0.9.1's vLLM rollout calls (wired by the
+  ``drafter_sync_check`` patch).
+
+The engine side (``fingerprint``, ``recorder``, ``classifier``, ``worker``, and this package) imports
+without verl: an engine may run where verl is not installed. ``enforcement`` and ``vllm`` read
+verl-mtp's config (which needs verl); their names are imported on first use (``__getattr__``).
 
 With vLLM data parallelism > 1 the engine's ``collective_rpc`` returns only data-parallel engine 0's
 results, so the other engines' drafters are not seen: ``raise`` is refused at config time,
@@ -42,12 +48,6 @@ from verl_mtp.rollout.drafter_sync.channel import (
     take_drafter_sync_metrics,
 )
 from verl_mtp.rollout.drafter_sync.classifier import mtp_tensor_classifier
-from verl_mtp.rollout.drafter_sync.enforcement import (
-    DrafterOutOfSyncError,
-    DrafterSyncChecker,
-    DrafterSyncWarning,
-    enforce_drafter_sync,
-)
 from verl_mtp.rollout.drafter_sync.fingerprint import (
     TensorFingerprint,
     fingerprint_pieces,
@@ -57,16 +57,35 @@ from verl_mtp.rollout.drafter_sync.fingerprint import (
 )
 from verl_mtp.rollout.drafter_sync.recorder import DrafterSyncRecorder, StreamFingerprints
 from verl_mtp.rollout.drafter_sync.verdict import SyncVerdict, compare_drafter_sync
-from verl_mtp.rollout.drafter_sync.vllm import (
-    VLLM_DP_REPORTS_NOTE,
+from verl_mtp.rollout.drafter_sync.worker import (
     VLLM_REPORT_METHOD,
-    drafter_checker_for,
-    vllm_adapter_update_weights,
     vllm_worker_begin_sync,
     vllm_worker_drafter_report,
     vllm_worker_end_sync,
-    vllm_worker_layout,
 )
+
+# The trainer side reads verl-mtp's config (and so verl): imported when first asked for.
+_TRAINER_SIDE = {
+    "verl_mtp.rollout.drafter_sync.enforcement": (
+        "DrafterOutOfSyncError", "DrafterSyncChecker", "DrafterSyncWarning", "enforce_drafter_sync",
+    ),
+    "verl_mtp.rollout.drafter_sync.vllm": (
+        "VLLM_DP_REPORTS_NOTE", "drafter_checker_for", "vllm_adapter_update_weights", "vllm_worker_layout",
+    ),
+}
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_SIDE["verl_mtp.rollout.drafter_sync.enforcement"]:
+        from verl_mtp.rollout.drafter_sync import enforcement as module
+    elif name in _TRAINER_SIDE["verl_mtp.rollout.drafter_sync.vllm"]:
+        from verl_mtp.rollout.drafter_sync import vllm as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DRAFTER_METRICS",
@@ -102,3 +121,7 @@ __all__ = [
     "vllm_worker_layout",
     "word_sums",
 ]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,5 @@
-"""The drafter check wired into verl 0.9.1's vLLM rollout (the ``drafter_sync_check`` patch calls these).
+"""The drafter check wired into verl 0.9.1's vLLM rollout (the ``drafter_sync_check`` patch calls these);
+this module is the trainer side (it reads verl-mtp's config), ``worker`` the engine side.
 
 * every weight sync to a vLLM replica goes through ``ServerAdapter.update_weights`` - in the
   trainer process for colocated (``naive``) sync, where the stream is the Megatron engine's
@@ -8,7 +9,7 @@
   leader's fingerprints stand for what each worker of the replica received;
 * each vLLM worker records in ``update_weights_from_ipc`` (verl's worker extension), where verl
   calls ``load_weights`` of the target and - only when ``speculative_config.method == "mtp"`` - of
-  the drafter;
+  the drafter (``worker.vllm_worker_begin_sync`` / ``vllm_worker_end_sync``);
 * after the sync the leader calls ``collective_rpc(VLLM_REPORT_METHOD)`` (verl's server is patched
   to return the workers' results), compares, and acts per ``drafter_sync_check``;
 * the leader knows how many workers serve its server (tensor x pipeline x data parallel of the
@@ -18,89 +19,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping, Optional
 
 from verl_mtp.config import MTP_KEY_PREFIX, as_extended
 from verl_mtp.errors import report_loudly
 from verl_mtp.rollout.drafter_sync.classifier import mtp_tensor_classifier
 from verl_mtp.rollout.drafter_sync.enforcement import DrafterOutOfSyncError, DrafterSyncChecker, DrafterSyncWarning
-from verl_mtp.rollout.drafter_sync.recorder import DrafterSyncRecorder
-
-# --- vLLM worker process: verl's vLLMColocateWorkerExtension --------------------------------------
-
-_WORKER_RECORDER_ATTR = "_verl_mtp_drafter_recorder"
-# The worker-extension method (added by the drafter_sync_check patch) that returns vllm_worker_drafter_report.
-VLLM_REPORT_METHOD = "verl_mtp_drafter_sync_report"
-
-
-def _vllm_worker_parts(worker: Any) -> tuple[Any, Any, Optional[str], Any, Optional[str]]:
-    """(target model, drafter model or None, speculative method or None, target hf_config,
-    quantization or None) of a vLLM worker."""
-    runner = worker.model_runner
-    vllm_config = runner.vllm_config
-    spec = getattr(vllm_config, "speculative_config", None)
-    method = getattr(spec, "method", None) if spec is not None else None
-    drafter = getattr(getattr(runner, "drafter", None), "model", None)
-    model_config = vllm_config.model_config
-    quant_config = getattr(vllm_config, "quant_config", None)
-    quantization = getattr(model_config, "quantization", None) or (
-        type(quant_config).__name__ if quant_config is not None else None
-    )
-    if quantization is None and os.environ.get("VERL_VLLM_FP8_QUANT_ENABLED", "0") == "1":
-        quantization = "fp8 (verl online quantisation)"
-    return runner.model, drafter, method, model_config.hf_config, quantization
-
-
-def _worker_recorder(worker: Any) -> DrafterSyncRecorder:
-    recorder = getattr(worker, _WORKER_RECORDER_ATTR, None)
-    if recorder is None:
-        name = f"vllm worker rank {getattr(worker, 'rank', getattr(worker, 'local_rank', '?'))}"
-        # worker ranks restart at 0 in each data-parallel engine: name the engine too
-        parallel = getattr(getattr(getattr(worker, "model_runner", None), "vllm_config", None), "parallel_config", None)
-        if int(getattr(parallel, "data_parallel_size", 1) or 1) > 1:
-            name = f"vllm dp engine {getattr(parallel, 'data_parallel_rank', '?')} worker rank {getattr(worker, 'rank', '?')}"
-        recorder = DrafterSyncRecorder(None, worker=name)
-        setattr(worker, _WORKER_RECORDER_ATTR, recorder)
-    return recorder
-
-
-def vllm_worker_begin_sync(worker: Any) -> None:
-    """Called in the vLLM worker at the start of ``update_weights_from_ipc``; never raises (a failure
-    is carried to the trainer in the report, where it counts as out of sync)."""
-    recorder = _worker_recorder(worker)
-    recorder.start_sync()
-    try:
-        target, drafter, method, hf_config, quantization = _vllm_worker_parts(worker)
-        recorder.speculative_method = method
-        recorder.quantization = quantization
-        if drafter is not None and recorder.is_mtp is None:
-            recorder.is_mtp = mtp_tensor_classifier(hf_config)
-        recorder.attach(drafter, target)
-    except Exception as exc:  # noqa: BLE001 - carried to the trainer in the report
-        recorder.fail(f"{type(exc).__name__}: {exc}")
-
-
-def vllm_worker_end_sync(worker: Any) -> None:
-    recorder = getattr(worker, _WORKER_RECORDER_ATTR, None)
-    if recorder is None:
-        return
-    try:
-        recorder.end_sync()
-    except Exception as exc:  # noqa: BLE001 - carried to the trainer in the report
-        recorder.fail(f"{type(exc).__name__}: {exc}")
-
-
-def vllm_worker_drafter_report(worker: Any) -> Optional[dict]:
-    """Run in each vLLM worker through ``collective_rpc(VLLM_REPORT_METHOD)``."""
-    recorder = getattr(worker, _WORKER_RECORDER_ATTR, None)
-    if recorder is None:
-        return {
-            "worker": f"vllm worker rank {getattr(worker, 'rank', '?')}",
-            "error": "no weight sync was recorded in this worker (verl-mtp's worker patch is not active here)",
-        }
-    return recorder.report()
-
+from verl_mtp.rollout.drafter_sync.worker import VLLM_REPORT_METHOD
 
 # --- vLLM rollout adapter (the process that streams weights to one replica) ------------------------
 
