@@ -16,9 +16,10 @@ position pattern w(i) = ((i * 40503) mod 2**16) + 1. Why this choice:
   tensors before the engine fuses/shards them;
 * bits, not values: dtype and shape are part of the fingerprint; the same values in another dtype
   are reported as a dtype difference (verl's bucketed transfer keeps dtypes);
-* cheap: one pass of integer multiply-adds on the tensor's device, in chunks of ``_CHUNK_WORDS``
-  (about 0.6 GiB of int64 scratch at most), one host sync per tensor. Measured on an H200
-  (torch 2.11): 22 ms for 1 GiB of bf16, 87 ms for 4 GiB; CPU and CUDA fingerprints are equal.
+* cheap: because w has period 2**16, the weights of any chunk are a slice of one cached table, and
+  (S1, S2) of a chunk is one matrix-vector product of the table's rows (1, w) with the chunk's
+  words in float64 (exact, see ``_CHUNK_WORDS``): a conversion and one pass per chunk of 2**20
+  words (8 MiB of scratch), one host sync per tensor; the table is 9 MiB per device.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ import torch
 
 _MODULUS = (1 << 61) - 1
 _WEIGHT_MULTIPLIER = 40503  # odd: i -> i * m mod 2**16 is a permutation, so weights differ locally
-_CHUNK_WORDS = 1 << 24  # products < 2**32, a chunk's sum < 2**56: no int64 overflow
+_PERIOD = 1 << 16  # w(i) depends on i mod 2**16 only
+# float64 holds every integer below 2**53 exactly: a chunk's products are < 2**32 and its sums
+# < 2**52, so any summation order (BLAS, GPU) gives the exact integer
+_CHUNK_WORDS = 1 << 20
+_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,17 @@ def _words(tensor: torch.Tensor, word_bytes: int) -> torch.Tensor:
     return raw.view(torch.int16)
 
 
+def _weight_table(device: torch.device) -> torch.Tensor:
+    """Rows (1, w(i)) for i < _CHUNK_WORDS + _PERIOD as float64 (cached per device): a chunk at any
+    position p reads its weights as the slice starting at p mod _PERIOD (w has period _PERIOD)."""
+    table = _TABLES.get(device)
+    if table is None:
+        position = torch.arange(_CHUNK_WORDS + _PERIOD, device=device, dtype=torch.int64)
+        weight = ((position * _WEIGHT_MULTIPLIER) & 0xFFFF) + 1
+        table = _TABLES[device] = torch.stack((torch.ones_like(weight), weight)).to(torch.float64)
+    return table
+
+
 def word_sums(tensor: torch.Tensor, word_offset: int = 0, word_bytes: Optional[int] = None) -> tuple[int, int]:
     """(S1, S2) of ``tensor``'s words, positions starting at ``word_offset`` (see module doc).
 
@@ -84,21 +100,19 @@ def word_sums(tensor: torch.Tensor, word_offset: int = 0, word_bytes: Optional[i
     """
     nbytes = tensor.numel() * tensor.element_size()
     words = _words(tensor, word_bytes or _word_bytes(nbytes))
-    mask = 0xFFFF if words.dtype == torch.int16 else 0xFF
+    if words.numel() == 0:
+        return 0, 0
+    unsigned = words.view(torch.uint16) if words.dtype == torch.int16 else words
+    table = _weight_table(words.device)
     partial = []
     for start in range(0, words.numel(), _CHUNK_WORDS):
-        chunk = words[start : start + _CHUNK_WORDS].to(torch.int64) & mask
-        position = torch.arange(
-            word_offset + start, word_offset + start + chunk.numel(), device=chunk.device, dtype=torch.int64
-        )
-        weight = ((position * _WEIGHT_MULTIPLIER) & 0xFFFF) + 1
-        partial.append(torch.stack((chunk.sum(), (chunk * weight).sum())))
-    if not partial:
-        return 0, 0
+        chunk = unsigned[start : start + _CHUNK_WORDS].to(torch.float64)
+        shift = (word_offset + start) % _PERIOD
+        partial.append(torch.mv(table[:, shift : shift + chunk.numel()], chunk))  # one pass: (S1, S2)
     s1 = s2 = 0
     for chunk_s1, chunk_s2 in torch.stack(partial).cpu().tolist():  # one host sync per tensor
-        s1 = (s1 + chunk_s1) % _MODULUS
-        s2 = (s2 + chunk_s2) % _MODULUS
+        s1 = (s1 + int(chunk_s1)) % _MODULUS
+        s2 = (s2 + int(chunk_s2)) % _MODULUS
     return s1, s2
 
 

@@ -9,10 +9,14 @@
   ``load_weights`` calls per sync (a drafter that was never called holds a stale copy) and takes
   a digest of the drafter's own parameters before and after the sync (a drafter that received new
   weights but whose parameters did not change dropped them).
+
+Both sides count the seconds they spend (``seconds`` / ``record_seconds``): the check's cost
+against the weight load it watches is measurable in the run itself.
 """
 
 from __future__ import annotations
 
+import time
 from typing import AsyncIterator, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -30,11 +34,14 @@ class StreamFingerprints:
         self.is_mtp = is_mtp
         self.fingerprints: dict[str, TensorFingerprint] = {}
         self.total_tensors = 0
+        self.seconds = 0.0  # spent fingerprinting
 
     def _observe(self, name: str, tensor: torch.Tensor) -> None:
         self.total_tensors += 1
         if self.is_mtp(name):
+            start = time.perf_counter()
             self.fingerprints[name] = fingerprint_tensor(tensor)
+            self.seconds += time.perf_counter() - start
 
     def wrap(self, weights):
         if hasattr(weights, "__aiter__"):
@@ -82,6 +89,7 @@ class DrafterSyncRecorder:
         self.digest_before: Optional[tuple[int, int]] = None
         self.digest_after: Optional[tuple[int, int]] = None
         self.error: Optional[str] = None
+        self.record_seconds = 0.0  # this sync's fingerprints and digests (the check's cost in the worker)
         self._drafter: Optional[torch.nn.Module] = None
         self._shared: list[torch.Tensor] = []
 
@@ -108,7 +116,9 @@ class DrafterSyncRecorder:
 
     def _record(self, name: str, tensor: torch.Tensor) -> None:
         if self.is_mtp(name):
+            start = time.perf_counter()
             self.received[name] = fingerprint_tensor(tensor)
+            self.record_seconds += time.perf_counter() - start
 
     def _observe(self, weights: Iterable) -> Iterator:
         for name, tensor in weights:
@@ -126,6 +136,7 @@ class DrafterSyncRecorder:
         self.received = {}
         self.error = None
         self.digest_before = self.digest_after = None
+        self.record_seconds = 0.0
         self.drafter_present = False
         self._drafter = None
 
@@ -141,11 +152,17 @@ class DrafterSyncRecorder:
         # the digest must move only when the drafter's own weights do.
         self._shared = list(target.parameters()) if target is not None else []
         self.install(drafter)
-        self.digest_before = module_digest(drafter, exclude=self._shared)
+        self.digest_before = self._digest(drafter)
+
+    def _digest(self, drafter: torch.nn.Module) -> tuple[int, int]:
+        start = time.perf_counter()
+        digest = module_digest(drafter, exclude=self._shared)
+        self.record_seconds += time.perf_counter() - start
+        return digest
 
     def end_sync(self) -> None:
         if self._drafter is not None:
-            self.digest_after = module_digest(self._drafter, exclude=self._shared)
+            self.digest_after = self._digest(self._drafter)
         self._drafter = None
         self._shared = []
 
@@ -164,5 +181,6 @@ class DrafterSyncRecorder:
             "received": {name: fp.to_wire() for name, fp in self.received.items()},
             "digest_before": self.digest_before,
             "digest_after": self.digest_after,
+            "record_seconds": self.record_seconds,
             "error": self.error,
         }
