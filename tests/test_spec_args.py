@@ -12,6 +12,7 @@ at start-up is what spec_args encodes from the engines' source, and is what thes
 import dataclasses
 import importlib.util
 import json
+import re
 import typing
 from importlib import metadata
 
@@ -555,3 +556,233 @@ def test_schema_is_derived_from_source(tmp_path):
     assert schema["num_speculative_tokens_greater_than"] == 0 and schema["mtp_aliases_rewritten_to_mtp"]
     assert schema["num_speculative_tokens_multiple_of_n_predict"] is False
     assert schema["mtp_draft_model_type"] == {"MiMoForCausalLM": "mimo_mtp", "deepseek_v3": "deepseek_mtp", "kimi": "deepseek_mtp"}
+
+
+# --- draft_sample_method (vLLM >= 0.24: greedy | probabilistic; SGLang: none) ---------------------------
+
+
+@pytest.mark.parametrize("value", ["top_p", "Greedy", "", 1])
+def test_draft_sample_method_bad_value_is_named_with_its_choices(value):
+    with pytest.raises(MtpConfigError) as err:
+        ExtendedMtpConfig(enable=True, enable_rollout=True, draft_sample_method=value)
+    assert f"actor_rollout_ref.model.mtp.draft_sample_method={value!r}" in str(err.value)
+    assert "valid choices are greedy, probabilistic, or null" in str(err.value)
+
+
+def test_draft_sample_method_defaults_to_the_engines_own():
+    assert ExtendedMtpConfig().draft_sample_method is None
+    from verl_mtp.tools.explain import compose_run_config
+
+    assert compose_run_config([]).actor_rollout_ref.model.mtp.draft_sample_method is None
+
+
+@pytest.mark.parametrize("method", ["greedy", "probabilistic"])
+def test_vllm_draft_sample_method_is_passed_and_carried_where_verl_reads(method, run):
+    from verl_mtp.rollout.spec_args import carry_into_engine_kwargs
+
+    config, mtp = run("mimo", "vllm", mtp={"draft_sample_method": method})
+    plan = plan_speculative_rollout(config, mtp, version("vllm", "0.24.0"))
+    spec = plan.args["speculative_config"]
+    assert spec == {"method": "mtp", "num_speculative_tokens": 1, "draft_sample_method": method}
+    assert vllm_problems(plan.args) == []
+    assert plan.draft_sampling.method == method and plan.draft_sampling.source.endswith("mtp.draft_sample_method")
+    # verl 0.9.1 reads only mtp.method / num_speculative_tokens: the driver copies the setting into
+    # engine_kwargs, from where verl's own merge (run from its source) sends it.
+    config["actor_rollout_ref"]["model"]["mtp"] = {"enable": True, "enable_rollout": True, "draft_sample_method": method}
+    validate_mtp_run_config(config)
+    user = config["actor_rollout_ref"]["rollout"]["engine_kwargs"]["vllm"]["speculative_config"]
+    assert user == {"draft_sample_method": method}
+    assert verl_build_mtp_speculative_config()(mtp.method, mtp.num_speculative_tokens, user) == spec
+    carry_into_engine_kwargs(config, mtp)  # idempotent: the driver may validate twice
+    assert plan_speculative_rollout(config, mtp, version("vllm", "0.24.0")).args == plan.args
+
+
+def test_vllm_draft_sample_method_carried_into_a_composed_config():
+    from verl_mtp.tools.explain import compose_run_config
+
+    cfg = compose_run_config(["actor_rollout_ref.model.mtp.enable=True", "actor_rollout_ref.model.mtp.enable_rollout=True",
+                              "actor_rollout_ref.model.mtp.draft_sample_method=probabilistic",
+                              "actor_rollout_ref.rollout.name=vllm"])
+    validate_mtp_run_config(cfg)
+    assert cfg.actor_rollout_ref.rollout.engine_kwargs.vllm.speculative_config.draft_sample_method == "probabilistic"
+
+
+def test_vllm_draft_sample_method_in_engine_kwargs_is_checked(run):
+    config, mtp = run("mimo", "vllm", engine_kwargs={"speculative_config": {"draft_sample_method": "top_k"}})
+    with pytest.raises(MtpConfigError, match=r"engine_kwargs\.vllm\.speculative_config\.draft_sample_method='top_k' "
+                                             r"is invalid: valid choices are greedy, probabilistic"):
+        plan_speculative_rollout(config, mtp)
+    config, mtp = run("mimo", "vllm", mtp={"draft_sample_method": "greedy"},
+                      engine_kwargs={"speculative_config": {"draft_sample_method": "probabilistic"}})
+    with pytest.raises(MtpConfigError, match=r"contradicts actor_rollout_ref\.model\.mtp\.draft_sample_method='greedy'"):
+        plan_speculative_rollout(config, mtp)
+
+
+def test_vllm_without_draft_sample_method_refuses_it(run):
+    config, mtp = run("mimo", "vllm", mtp={"draft_sample_method": "probabilistic"})
+    with pytest.raises(MtpConfigError, match=r"mtp\.draft_sample_method='probabilistic' is invalid: vllm 0\.20\.0 .*has "
+                                             r"no speculative_config\.draft_sample_method.*vllm >= 0\.24\.0"):
+        plan_speculative_rollout(config, mtp, version("vllm", "0.20.0"))
+    config, mtp = run("mimo", "vllm")  # unset: nothing is passed, any vLLM with MTP is fine
+    plan = plan_speculative_rollout(config, mtp, version("vllm", "0.20.0"))
+    assert "draft_sample_method" not in plan.args["speculative_config"]
+    assert plan.draft_sampling.describe() == "greedy (vLLM's default): acceptance p(argmax q)"
+
+
+def test_draft_sample_method_is_a_field_of_the_pinned_vllm():
+    assert "draft_sample_method" in SCHEMA["vllm"]["speculative_config_fields"]
+    assert "num_speculative_tokens_per_batch_size" in SCHEMA["vllm"]["speculative_config_fields"]
+
+
+def test_sglang_has_no_probabilistic_drafts(run):
+    config, mtp = run("mimo", "sglang", mtp={"draft_sample_method": "probabilistic"})
+    with pytest.raises(MtpConfigError, match=r"draft_sample_method='probabilistic' is invalid: SGLang has no equivalent"):
+        plan_speculative_rollout(config, mtp)
+    for method in ("greedy", None):
+        config, mtp = run("mimo", "sglang", mtp={"draft_sample_method": method})
+        plan = plan_speculative_rollout(config, mtp)
+        assert not any("sample" in key for key in plan.args)  # SGLang gets nothing for it
+        assert sglang_problems(plan.args) == []
+        assert plan.draft_sampling.method == "greedy" and "no draft_sample_method argument" in plan.draft_sampling.source
+
+
+def test_greedy_drafts_at_temperature_get_the_probabilistic_recommendation(run):
+    config, mtp = run("mimo", "vllm", rollout={"temperature": 1.0})
+    notes = plan_speculative_rollout(config, mtp).notes
+    assert any("draft_sample_method=probabilistic for such heads" in n for n in notes)
+    for mtp_values, rollout in (({"draft_sample_method": "probabilistic"}, {"temperature": 1.0}), ({}, {"temperature": 0})):
+        config, mtp = run("mimo", "vllm", mtp=mtp_values, rollout=rollout)
+        assert not any("for such heads" in n for n in plan_speculative_rollout(config, mtp).notes)
+
+
+def test_explain_prints_the_draft_rule_and_its_acceptance(run):
+    from verl_mtp.tools.explain import build_plan, compose_run_config, render_plan
+
+    config, _ = run("mimo", "vllm")
+    base = [f"actor_rollout_ref.model.path={config['actor_rollout_ref']['model']['path']}",
+            "actor_rollout_ref.model.mtp.enable=True", "actor_rollout_ref.model.mtp.enable_rollout=True",
+            "actor_rollout_ref.rollout.name=vllm"]
+    text = render_plan(build_plan(compose_run_config(base + ["actor_rollout_ref.model.mtp.draft_sample_method=probabilistic"])))
+    assert ("draft tokens      probabilistic (actor_rollout_ref.model.mtp.draft_sample_method): acceptance "
+            "sum_x min(p(x), q(x)) = 1 - TV(p, q)") in text
+    assert '"draft_sample_method": "probabilistic"' in text
+    text = render_plan(build_plan(compose_run_config(base)))
+    assert "draft tokens      greedy (vLLM's default): acceptance p(argmax q)" in text
+    assert "draft_sample_method=probabilistic for such heads" in text  # verl's rollout temperature is 1.0
+
+
+# --- num_speculative_tokens_per_batch_size (vLLM >= 0.24) ------------------------------------------------
+
+
+def test_spec_control_batch_size_schedule_is_planned(run):
+    from verl_mtp.rollout.spec_control import vllm_batch_size_schedule
+
+    schedule = [list(e) for e in vllm_batch_size_schedule(2, 5)]
+    config, mtp = run("mimo", "vllm", mtp={"num_speculative_tokens": 2},
+                      engine_kwargs={"speculative_config": {"num_speculative_tokens_per_batch_size": schedule}})
+    plan = plan_speculative_rollout(config, mtp, version("vllm", "0.24.0"))
+    assert plan.args["speculative_config"]["num_speculative_tokens_per_batch_size"] == schedule
+    assert vllm_problems(plan.args) == []
+    with pytest.raises(MtpConfigError, match=r"num_speculative_tokens_per_batch_size=.* vllm 0\.20\.0 .*has no batch-size schedule"):
+        plan_speculative_rollout(config, mtp, version("vllm", "0.20.0"))
+
+
+@pytest.mark.parametrize("schedule, match", [
+    ([], "non-empty list"),
+    ("1-4:2", "non-empty list"),
+    ([[1, 4]], "is not three integers"),
+    ([[1, 4, 1.5]], "is not three integers"),
+    ([[0, 4, 2]], "out of range"),
+    ([[3, 2, 2]], "out of range"),
+    ([[1, 4, -1]], "out of range"),
+    ([[2, 8, 2]], "no range covers batch size 1"),
+    ([[1, 4, 2], [4, 8, 0]], "ranges overlap at batch size 4"),
+    ([[1, 4, 3]], r"caps each k at num_speculative_tokens=2"),
+])
+def test_bad_batch_size_schedules_are_refused(schedule, match, run):
+    config, mtp = run("mimo", "vllm", mtp={"num_speculative_tokens": 2},
+                      engine_kwargs={"speculative_config": {"num_speculative_tokens_per_batch_size": schedule}})
+    with pytest.raises(MtpConfigError, match=r"engine_kwargs\.vllm\.speculative_config\.num_speculative_tokens_per_batch_size="):
+        plan_speculative_rollout(config, mtp)
+    with pytest.raises(MtpConfigError, match=match):
+        plan_speculative_rollout(config, mtp)
+
+
+# --- the plans the engine leg feeds to vLLM's real SpeculativeConfig are explain's plans -----------------
+
+
+def verl_build_mtp_speculative_config():
+    """verl 0.9.1's own merge function, run from its source: its module imports vLLM at the top."""
+    import ast
+    from collections.abc import Mapping
+
+    spec = importlib.util.find_spec("verl")
+    path = f"{list(spec.submodule_search_locations)[0]}/workers/rollout/vllm_rollout/utils.py"
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build_mtp_speculative_config")
+    namespace = {"json": json, "Mapping": Mapping, "Any": typing.Any}
+    exec(compile(ast.Module(body=[func], type_ignores=[]), path, "exec"), namespace)
+    return namespace["build_mtp_speculative_config"]
+
+
+def test_engine_leg_mtp_stand_in_has_verls_defaults():
+    from verl_mtp.testing.vllm_spec_config import MTP_DEFAULTS, mtp_settings
+
+    real = ExtendedMtpConfig(enable=True, enable_rollout=True)
+    assert {k: getattr(real, k) for k in MTP_DEFAULTS} == MTP_DEFAULTS
+    assert mtp_settings().speculative_rollout and not mtp_settings(enable_rollout=False).speculative_rollout
+
+
+def test_engine_leg_cases_are_explains_plans(tmp_path):
+    """For every case the engine leg checks: ``verl-mtp explain`` (Hydra-composed config, the real
+    ExtendedMtpConfig, the driver's validation) plans the same arguments, or refuses with the same
+    error, as the verl-free planner the engine leg runs; and what the engine leg sends for a
+    refusal is verl's own merge."""
+    from omegaconf import OmegaConf, open_dict
+
+    from verl_mtp.testing.vllm_spec_config import CASES, make_checkpoints, plan_case, verl_merge
+    from verl_mtp.tools.explain import build_plan, compose_run_config
+
+    paths = make_checkpoints(str(tmp_path), export=False)
+    base = compose_run_config(["actor_rollout_ref.model.mtp.enable=True", "actor_rollout_ref.model.mtp.enable_rollout=True",
+                               "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.max_num_seqs=8"])
+    merge = verl_build_mtp_speculative_config()
+    for case in CASES:
+        cfg = copy_config(base)
+        with open_dict(cfg):
+            OmegaConf.update(cfg, "actor_rollout_ref.model.path", paths[case.checkpoint])
+            for key, value in case.mtp.items():
+                OmegaConf.update(cfg, f"actor_rollout_ref.model.mtp.{key}", value)
+            OmegaConf.update(cfg, "actor_rollout_ref.rollout.engine_kwargs.vllm", case.engine_kwargs, merge=False)
+            for key, value in case.rollout.items():
+                OmegaConf.update(cfg, f"actor_rollout_ref.rollout.{key}", value, merge=True)
+        ours = plan_case(case, paths[case.checkpoint])
+        method, tokens = case.mtp.get("method", "mtp"), case.mtp.get("num_speculative_tokens", 1)
+        assert verl_merge(case) == merge(method, tokens, _carried(case)), case.name
+        if case.checkpoint.startswith("qwen3_5_text"):
+            continue  # the pinned vLLM 0.24 (what both plan for here) has no text-only Qwen3.5 drafter
+        try:
+            explained = build_plan(cfg).speculative_args
+        except MtpConfigError as exc:
+            assert "refused" in ours, f"{case.name}: explain refused ({exc}), the engine leg's planner did not"
+            assert re.search(case.refused, str(exc)), (case.name, str(exc))
+            continue
+        assert "args" in ours, f"{case.name}: explain planned {explained}, the engine leg's planner refused"
+        assert explained == ours["args"], case.name
+        # ... and is what verl sends: its own merge over the engine_kwargs the driver check left.
+        user = OmegaConf.to_container(cfg.actor_rollout_ref.rollout.engine_kwargs.vllm).get("speculative_config")
+        assert merge(method, tokens, user) == explained["speculative_config"], case.name
+
+
+def copy_config(cfg):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(OmegaConf.to_container(cfg))
+
+
+def _carried(case):
+    user = dict(case.engine_kwargs.get("speculative_config") or {})
+    if case.mtp.get("draft_sample_method") is not None:
+        user.setdefault("draft_sample_method", case.mtp["draft_sample_method"])
+    return user

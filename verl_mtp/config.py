@@ -6,25 +6,29 @@ on both of its config-to-dataclass paths. Validation happens in ``__post_init__`
 fails wherever the config is first turned into a dataclass; ``verl_mtp.run_checks`` adds the
 checks that need the whole run config (strategy, model checkpoint, rollout engine) in the driver.
 
-This module is the floor the rest of verl-mtp stands on: it holds every choice tuple, the derived
-switches modules read (``uses_occ``, ``speculative_rollout``, ...), the one dotted-key reader
-``select`` and the one flat-fields-to-typed-object mapping ``section``; it imports nothing from
-``verl_mtp.rollout``, the patch layer or ``run_checks``.
+This module is the floor the rest of verl-mtp stands on: it holds (or, from ``verl_mtp.config_base``,
+the verl-free part, re-exports) every choice tuple, the derived switches modules read
+(``uses_occ``, ``speculative_rollout``, ...), the one dotted-key reader ``select`` and the one
+flat-fields-to-typed-object mapping ``section``; it imports nothing from ``verl_mtp.rollout``,
+the patch layer or ``run_checks``.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import json
 import math
-import os
 import sys
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Optional
 
-from omegaconf.errors import MissingMandatoryValue
-
+from verl_mtp.config_base import (  # noqa: F401 - re-exported: the verl-free part of the config
+    DRAFT_SAMPLE_METHODS,
+    MTP_KEY_PREFIX,
+    SPECULATIVE_ENGINES,
+    read_local_hf_config,
+    select,
+)
 from verl_mtp.errors import MtpConfigError, invalid_value
 from verl_mtp.models.families import DEPTH_KEYS, mtp_depths
 
@@ -44,29 +48,8 @@ OCC_SCOPES = ("micro_batch", "mini_batch")
 # cannot, e.g. SGLang or delta_sharded, run unverified after one loud config-time warning) | raise
 # (refuse such a run) | warn (+ speculation off for the next step) | off.
 DRAFTER_SYNC_CHECKS = ("auto", "raise", "warn", "off")
-# actor_rollout_ref.actor.strategy values MTP runs on, and rollout.name values with MTP speculation.
+# actor_rollout_ref.actor.strategy values MTP runs on.
 SUPPORTED_STRATEGIES = ("megatron",)
-SPECULATIVE_ENGINES = ("vllm", "sglang")
-
-MTP_KEY_PREFIX = "actor_rollout_ref.model.mtp"
-
-
-def select(cfg: Any, dotted: str, default: Any = None) -> Any:
-    """``cfg.<dotted>`` in a run config (OmegaConf node, dict, dataclass or plain object), or
-    ``default`` when a key on the way is missing, unset (``???``) or None.
-
-    Only a missing key falls back; any other error (an interpolation that does not resolve, a
-    list where a mapping was expected) propagates, so a broken config is not read as a default.
-    """
-    node = cfg
-    for part in dotted.split("."):
-        if node is None:
-            return default
-        try:
-            node = node.get(part) if hasattr(node, "get") else getattr(node, part)
-        except (AttributeError, KeyError, MissingMandatoryValue):
-            return default
-    return default if node is None else node
 
 
 def _error(key: str, value: Any, expected: str) -> MtpConfigError:
@@ -162,6 +145,12 @@ class ExtendedMtpConfig(VerlMtpConfig):
             (DrafterOutOfSyncError; a rollout path that cannot be checked is refused at config
             time), ``warn`` (loud warning, metric rollout/mtp_drafter_in_sync = 0, speculation-off
             requested for the next step: advisory on engines without a runtime switch) or ``off``.
+        draft_sample_method: how the rollout engine's drafter picks draft tokens (vLLM >= 0.24
+            ``speculative_config.draft_sample_method``): ``greedy`` (argmax of the head's
+            distribution q; a draft is accepted with probability p(argmax q)), ``probabilistic``
+            (sampled from q, accepted with min(1, p/q): sum min(p, q) = 1 - TV(p, q) per position;
+            for heads trained to match the policy's distribution at temperature ~1), or None (the
+            engine's default: greedy on vLLM). SGLang has no such argument (it drafts greedily).
         spec_step_metrics: log exact per-step speculative-decoding metrics summed over replicas
             (rollout/mtp_spec_*, rollout/mtp_gen_throughput; verl_mtp.rollout.spec_metrics).
         adaptive_speculation: let a policy measure throughput with vs without speculation and
@@ -193,6 +182,7 @@ class ExtendedMtpConfig(VerlMtpConfig):
     mtp_logits_chunk_tokens: int = 2048
     mtp_allow_fresh_head_on_resume: bool = False
     drafter_sync_check: str = "auto"
+    draft_sample_method: Optional[str] = None
     spec_step_metrics: bool = True
     adaptive_speculation: bool = False
     adaptive_spec_probe_interval: int = 10
@@ -258,6 +248,9 @@ class ExtendedMtpConfig(VerlMtpConfig):
         _check_choice("occ_on_policy_coef", self.occ_on_policy_coef, OCC_ON_POLICY_COEFS)
         _check_choice("occ_scope", self.occ_scope, OCC_SCOPES)
         _check_choice("drafter_sync_check", self.drafter_sync_check, DRAFTER_SYNC_CHECKS)
+        if self.draft_sample_method is not None and self.draft_sample_method not in DRAFT_SAMPLE_METHODS:
+            raise _error("draft_sample_method", self.draft_sample_method,
+                         f"valid choices are {', '.join(DRAFT_SAMPLE_METHODS)}, or null (the engine's default)")
         _check_finite("mtp_loss_scaling_factor", self.mtp_loss_scaling_factor, minimum=0.0)
         _check_finite("occ_scale", self.occ_scale, minimum=0.0, strict=True)
         _check_finite("occ_eps", self.occ_eps, minimum=0.0, strict=True)
@@ -417,16 +410,6 @@ def detect_mtp_depths(hf_config: Any) -> int:
     names, shared with the checkpoint tools).
     """
     return mtp_depths(hf_config)
-
-
-def read_local_hf_config(model_path: str) -> Optional[dict]:
-    """``config.json`` of a local checkpoint as a dict, or None when the path is not local."""
-    path = os.path.expanduser(str(model_path))
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        return None
-    with open(config_file) as f:
-        return json.load(f)
 
 
 def resolve_mtp_depths(mtp: ExtendedMtpConfig, checkpoint_depths: int) -> int:

