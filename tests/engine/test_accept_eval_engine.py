@@ -14,7 +14,8 @@ engine's own sequences, and the engine's drafting is replayed over its per-ancho
   (the check can tell the rules apart).
 - The T = 1 output distribution with speculation is the target's, as without speculation: the
   share of the trunk's top token among sampled tokens matches the target's probabilities (z
-  score); without the test's workaround for vLLM's CPU ``expand_batch_to_tokens`` bug it does not.
+  score, over all tokens and over the positions drafts were verified for); without the test's
+  workaround for vLLM's CPU ``expand_batch_to_tokens`` bug the acceptance falls far below it.
 
 Runs in the engine environment (see tests/engine/test_export_drafts.py); skipped elsewhere.
 """
@@ -100,6 +101,13 @@ def test_t0_greedy_drafts_equal_accept_eval_exactly(work):
     outcomes = [(engine, estimate) for engine, estimate in rep["pairs"] if engine is not None]
     assert len(outcomes) == rep["drafts"] - len(run["requests"])  # every step but each request's last
     assert all(engine == estimate for engine, estimate in outcomes)
+    from verl_mtp.testing.vllm_accept import replay
+
+    for shift in (-1, 1):  # the per-anchor comparison sees an estimate one anchor off
+        off = replay(run["requests"], run["anchors"], "greedy", shift=shift, strict=False)
+        wrong = sum(engine != estimate for engine, estimate in off["pairs"] if engine is not None)
+        print(f"T=0: accept-eval read {shift:+d} anchor off: {wrong} of {off['drafts']} outcomes differ")
+        assert wrong > 0
 
 
 @pytest.mark.parametrize("engine,rule,other", [("greedy", "argmax_draft/1", "sampled/1"),
@@ -118,26 +126,32 @@ def test_t1_acceptance_within_sampling_error(work, engine, rule, other):
 def test_t1_output_distribution_with_speculation_matches_without(work):
     from verl_mtp.testing.vllm_accept import SIGMAS, top_token_test
 
-    stats = {}
+    stats = []
     for key in [("plain", "1"), ("greedy", "1"), ("probabilistic", "1")]:
         run = work["runs"][key]
-        stats[key] = s = top_token_test(run["requests"], run["top_prob"], work["successor"])
-        print(f"T=1 {key[0]}: top token {s['hits']}/{s['tokens']}, target expects {s['expected']:.1f}, z {s['z']:+.2f}")
-    assert all(abs(s["z"]) <= SIGMAS for s in stats.values())
+        for drafted_only in (False, True) if key[0] != "plain" else (False,):
+            s = top_token_test(run["requests"], run["top_prob"], work["successor"], drafted_only=drafted_only)
+            where = "at drafted positions" if drafted_only else "all tokens"
+            print(f"T=1 {key[0]}, {where}: top token {s['hits']}/{s['tokens']}, target expects "
+                  f"{s['expected']:.1f}, z {s['z']:+.2f}")
+            stats.append(s)
+    assert all(abs(s["z"]) <= SIGMAS for s in stats)
 
 
 def test_without_the_cpu_workaround_speculative_sampling_is_wrong(work):
-    """vLLM 0.32's CPU expand_batch_to_tokens bug, caught by the checks above (this documents why
-    the workaround exists: it fails once vLLM's fallback is fixed, and the workaround can go)."""
-    from verl_mtp.testing.vllm_accept import SIGMAS, top_token_test
+    """vLLM 0.32's CPU expand_batch_to_tokens bug, caught by the acceptance check (this documents
+    why the workaround exists: it fails once vLLM's fallback is fixed, and the workaround can go).
+    The bug divides by uninitialised memory, so how far the output distribution moves varies from
+    run to run (|z| 4.6 to 18 measured); the acceptance falls far in every run, and is asserted."""
+    from verl_mtp.testing.vllm_accept import top_token_test
 
     run = work["runs"][("greedy", "1:unpatched")]
-    s = top_token_test(run["requests"], run["top_prob"], work["successor"])
     rep, ok, bound = _compare(run, "argmax_draft/1")
     _line("T=1 greedy drafts, no workaround", run, "argmax_draft/1", rep, bound)
-    print(f"T=1 greedy, no workaround: top token {s['hits']}/{s['tokens']}, expected {s['expected']:.1f}, z {s['z']:+.2f}")
-    assert abs(s["z"]) > SIGMAS
-    assert not ok
+    s = top_token_test(run["requests"], run["top_prob"], work["successor"], drafted_only=True)
+    print(f"T=1 greedy, no workaround, at drafted positions: top token {s['hits']}/{s['tokens']}, "
+          f"expected {s['expected']:.1f}, z {s['z']:+.2f}")
+    assert not ok and run["counters"]["accepted_tokens"] < rep["expected"] - bound
 
 
 def test_torch_expand_batch_to_tokens():
