@@ -420,12 +420,10 @@ def _modified_index(target: HFCheckpoint, replace: dict[str, TensorEntry], add: 
     weight_map.update({n: add_shard for n in sorted(add)})
     index = dict(target.index) if target.index else {}
     metadata = dict(index.get("metadata") or {})
-    added = sum(e.nbytes for e in add.values())
-    delta = sum(replace[n].nbytes - target.tensors[n].nbytes for n in replace)
-    total = metadata.get("total_size")
-    if not isinstance(total, int) or isinstance(total, bool):
-        total = sum(e.nbytes for e in target.tensors.values())
-    metadata["total_size"] = total + added + delta
+    # Counted from the output's own tensors: target's total_size may be absent or stale, and no
+    # loader checks it (vLLM and transformers read only the weight map).
+    written = {**target.tensors, **replace, **add}
+    metadata["total_size"] = sum(written[n].nbytes for n in weight_map)
     index["metadata"] = metadata
     index["weight_map"] = weight_map
     return index
