@@ -78,7 +78,10 @@ def vllm_batch_size_schedule(num_speculative_tokens: int, off_from_batch_size: i
     """A vLLM ``num_speculative_tokens_per_batch_size`` that speculates below a batch size only.
 
     vLLM requires ranges that start at 1, do not overlap and carry k >= 0; the last range's k
-    also applies above it.
+    also applies above it. The scheduler picks k from the number of requests in each iteration
+    (run on vLLM 0.32's CPU engine: batches below the threshold draft, larger ones add no
+    drafts). A data-parallel engine (data_parallel_size > 1) drops the rule with a warning and
+    drafts the fixed ``num_speculative_tokens`` at every batch size.
     """
     if num_speculative_tokens < 1:
         raise ValueError(f"num_speculative_tokens={num_speculative_tokens} must be >= 1")
@@ -297,7 +300,8 @@ class SpecStepMonitor:
     def _why_no_stats(self) -> str:
         if self.engine == "vllm":
             return ("vLLM exposes spec-decode counters on /metrics only with actor_rollout_ref.rollout."
-                    "disable_log_stats=False, and vLLM <= 0.33 has no per-request spec stats")
+                    "disable_log_stats=False; verl 0.9.1 reads per-request stats from "
+                    "request_spec_decode_stats, which vLLM (0.24-0.33) does not have")
         if self.engine == "sglang":
             return ("verl 0.9.1's SGLang server reads meta_info keys SGLang 0.5.12 does not emit "
                     "(spec_draft_token_num/spec_accept_token_num) and drops spec_num_correct_drafts")

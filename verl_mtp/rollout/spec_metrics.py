@@ -8,7 +8,10 @@ but each request counts equally, whatever its length (a 10-token answer weighs a
 4000-token one). Where those fields come from:
 
 * vLLM: ``RequestOutput.metrics.request_spec_decode_stats``. Neither vLLM 0.24.0 (the version verl
-  0.9.1 pins) nor 0.33.0 has that attribute, so verl warns once and logs nothing.
+  0.9.1 pins) nor 0.33.0 has that attribute, so verl warns once and logs nothing. vLLM 0.32.0 has
+  per-request counts under another name (``CompletionOutput.spec_decode_metrics``, in the OpenAI
+  response as ``metrics.speculative_decoding``, opt-in with ``--per-request-spec-decode-metrics``),
+  which verl 0.9.1 does not read; ``request_counts_vllm`` reads them.
 * SGLang: verl reads ``meta_info["spec_draft_token_num"]`` / ``["spec_accept_token_num"]``, which
   SGLang 0.5.12 (pinned) and 0.5.23 do not emit; their per-request keys are ``spec_verify_ct``,
   ``spec_num_proposed_drafts``, ``spec_num_correct_drafts`` and
@@ -21,8 +24,14 @@ same totals a single big engine would report) from three shapes of input:
    Prometheus counters ``vllm:spec_decode_num_drafts``, ``..._num_draft_tokens``,
    ``..._num_accepted_tokens``, ``..._num_accepted_tokens_per_pos`` and ``vllm:generation_tokens``
    (``vllm/v1/spec_decode/metrics.py`` and ``vllm/v1/metrics/loggers.py`` at 0.24.0; exposed on the
-   server's ``/metrics`` only when ``rollout.disable_log_stats=False``);
-2. per-request counts shaped like verl's extra fields (vLLM) or SGLang's ``meta_info``;
+   server's ``/metrics`` only when ``rollout.disable_log_stats=False``). Read from vLLM 0.32.0's
+   real OpenAI server on CPU (``tests/engine/test_server_metrics_engine.py``): every series carries
+   ``model_name`` (the served name: free text, escaped, may hold "}" or quotes) and ``engine`` (the
+   data-parallel engine index, "0".."N-1" on one server); the per-position counter adds
+   ``position`` "0".."K-1"; all exist with value 0 from start; each counter also has a
+   ``_created`` gauge, which is skipped. One server's engines are summed (``scrape_vllm_counters``);
+2. per-request counts shaped like verl's extra fields, vLLM 0.32's per-request metrics, or
+   SGLang's ``meta_info``;
 3. nothing: ``rollout/mtp_spec_stats_available`` is 0 and a one-time warning says how to get stats.
 
 SGLang's server-level ``avg_spec_accept_length`` (``/get_server_info``) is a lifetime ratio without
@@ -120,12 +129,25 @@ VLLM_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 VLLM_ACCEPTED_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
 VLLM_GENERATION_TOKENS = "vllm:generation_tokens"
 
-_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
-_LABEL = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>(?:[^"\\]|\\.)*)"')
+# A label value is a quoted string that may hold "}" and escaped quotes (a served model name is free
+# text), so the label block is matched quoted-string-aware, not up to the first "}".
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_SAMPLE = re.compile(
+    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)'
+    r'(?:\{(?P<labels>(?:[^"}]|' + _QUOTED + r')*)\})?'
+    r'\s+(?P<value>\S+)'
+)
+_LABEL = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"(?P<value>(?:[^"\\]|\\.)*)"')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r'\\[\\"n]', lambda m: _UNESCAPE[m.group(0)], value)
 
 
 def parse_prometheus_text(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """Samples ``(name, labels, value)`` of a Prometheus text exposition (comments skipped)."""
+    """Samples ``(name, labels, value)`` of a Prometheus text exposition (comments skipped,
+    label values unescaped)."""
     samples = []
     for line in text.splitlines():
         line = line.strip()
@@ -134,15 +156,21 @@ def parse_prometheus_text(text: str) -> list[tuple[str, dict[str, str], float]]:
         match = _SAMPLE.match(line)
         if match is None:
             continue
-        labels = {m["key"]: m["value"] for m in _LABEL.finditer(match["labels"] or "")}
-        samples.append((match["name"], labels, float(match["value"])))
+        labels = {m["key"]: _unescape(m["value"]) for m in _LABEL.finditer(match["labels"] or "")}
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue  # not a sample line this parser understands; never fatal for a scrape
+        samples.append((match["name"], labels, value))
     return samples
 
 
 def vllm_counters_from_prometheus(text: str) -> dict[str, SpecCounts]:
     """Cumulative spec-decode counters of one vLLM server, per engine (``engine`` label).
 
-    Empty when the server exposes no spec-decode counters (speculation off, or log stats disabled).
+    A data-parallel server has one series per engine index; ``model_name`` is the same on all of
+    a server's series (one served model per server), so the engine index is the key. Empty when
+    the server exposes no spec-decode counters (speculation off, or log stats disabled).
     """
     per_engine: dict[str, dict[str, Any]] = {}
 
@@ -236,8 +264,34 @@ def request_counts_sglang(meta_info: Mapping[str, Any]) -> SpecCounts:
     accepted = meta_info.get("spec_num_correct_drafts", meta_info.get("spec_accepted_drafts", 0))
     proposed = meta_info.get("spec_num_proposed_drafts", meta_info.get("spec_proposed_drafts", 0))
     hist = list(meta_info.get("spec_correct_drafts_histogram") or meta_info.get("spec_accept_histogram") or [])
-    pos = tuple(sum(hist[k] for k in range(i + 1, len(hist))) for i in range(max(len(hist) - 1, 0)))
-    return SpecCounts(verify, int(proposed or 0), int(accepted or 0), pos, generated)
+    return SpecCounts(verify, int(proposed or 0), int(accepted or 0), _positions_from_histogram(hist), generated)
+
+
+def _positions_from_histogram(hist: Sequence[int]) -> tuple[int, ...]:
+    """hist[k]: verify steps that accepted exactly k drafts -> drafts whose position i was accepted
+    (sum over k > i), i = 0..len(hist)-2."""
+    return tuple(sum(int(hist[k]) for k in range(i + 1, len(hist))) for i in range(max(len(hist) - 1, 0)))
+
+
+def request_counts_vllm(spec: Optional[Mapping[str, Any]], completion_tokens: Optional[int] = None) -> Optional[SpecCounts]:
+    """One request's counts from vLLM's per-request spec-decode metrics, or None without them.
+
+    ``spec`` is the OpenAI server's ``response["metrics"]["speculative_decoding"]`` or, in
+    process, ``RequestOutput.outputs[0].spec_decode_metrics.to_dict()`` (vLLM 0.32.0, opt-in with
+    ``--per-request-spec-decode-metrics summary``; only for requests with n = 1). Its
+    ``acceptance_histogram[j]`` counts the verify steps that accepted exactly j drafts, which
+    gives the same per-position counts as the server's counters.
+    """
+    if not spec:
+        return None
+    hist = [int(h) for h in spec.get("acceptance_histogram") or []]
+    return SpecCounts(
+        num_drafts=int(spec.get("num_spec_steps", sum(hist))),
+        num_draft_tokens=int(spec.get("num_draft_tokens") or 0),
+        num_accepted_tokens=int(spec.get("num_accepted_draft_tokens", sum(j * h for j, h in enumerate(hist)))),
+        accepted_per_pos=_positions_from_histogram(hist),
+        generated_tokens=None if completion_tokens is None else int(completion_tokens),
+    )
 
 
 # --- the step's metrics ---------------------------------------------------------------------------
