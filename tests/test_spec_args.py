@@ -650,7 +650,8 @@ def test_greedy_drafts_at_temperature_get_the_probabilistic_recommendation(run):
     config, mtp = run("mimo", "vllm", rollout={"temperature": 1.0})
     notes = plan_speculative_rollout(config, mtp).notes
     assert any("draft_sample_method=probabilistic for such heads" in n for n in notes)
-    for mtp_values, rollout in (({"draft_sample_method": "probabilistic"}, {"temperature": 1.0}), ({}, {"temperature": 0})):
+    for mtp_values, rollout in (({"draft_sample_method": "probabilistic"}, {"temperature": 1.0}), ({}, {"temperature": 0}),
+                                ({"draft_sample_method": "greedy"}, {"temperature": 1.0})):  # chosen: no advice
         config, mtp = run("mimo", "vllm", mtp=mtp_values, rollout=rollout)
         assert not any("for such heads" in n for n in plan_speculative_rollout(config, mtp).notes)
 

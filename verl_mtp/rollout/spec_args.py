@@ -566,7 +566,8 @@ def _note_draft_sampling(plan: SpeculativePlan, rollout: _Rollout, user: Mapping
             f"only with 'standard' rejection sampling, so draft_sample_method=probabilistic has no effect"
         )
     temperature = rollout.temperature
-    if rule.method == "greedy" and (temperature is None or temperature > 0):
+    chosen = rule.source != "vLLM's default"  # a user who chose greedy gets no advice
+    if rule.method == "greedy" and not chosen and (temperature is None or temperature > 0):
         plan.notes.append(
             f"rollout temperature {temperature if temperature is not None else 'default'}: a head trained to "
             f"match the policy's distribution (q -> p) is accepted with sum min(p, q) -> 1 under "
@@ -582,24 +583,28 @@ def carry_into_engine_kwargs(config: Any, mtp: Any) -> None:
     method = mtp_draft_sample_method(mtp)
     if method is None or not mtp.speculative_rollout or select(config, f"{ROLLOUT_KEY}.name") != "vllm":
         return
-    kwargs = select(config, f"{ROLLOUT_KEY}.engine_kwargs")
-    spec = dict(_vllm_user_spec(_read_rollout(config)))
-    spec["draft_sample_method"] = method
-    try:
+    spec = dict(_vllm_user_spec(_read_rollout(config)), draft_sample_method=method)
+    vllm_kwargs = _child(_child(select(config, ROLLOUT_KEY), "engine_kwargs"), "vllm")
+    _set(vllm_kwargs, "speculative_config", spec)
+
+
+def _set(node: Any, key: str, value: Any) -> None:
+    try:  # verl's run config is a struct DictConfig: a new key needs open_dict
         from omegaconf import DictConfig, open_dict
     except ImportError:  # pragma: no cover - omegaconf comes with verl
-        DictConfig = ()
-    if isinstance(kwargs, DictConfig):
-        with open_dict(kwargs):
-            if kwargs.get("vllm") is None:
-                kwargs["vllm"] = {}
-            with open_dict(kwargs["vllm"]):
-                kwargs["vllm"]["speculative_config"] = spec
+        DictConfig = None
+    if DictConfig is not None and isinstance(node, DictConfig):
+        with open_dict(node):
+            node[key] = value
     else:
-        kwargs.setdefault("vllm", {})
-        if kwargs["vllm"] is None:
-            kwargs["vllm"] = {}
-        kwargs["vllm"]["speculative_config"] = spec
+        node[key] = value
+
+
+def _child(node: Any, key: str) -> Any:
+    """``node[key]``, an empty mapping put there first when it is missing or null."""
+    if node.get(key) is None:
+        _set(node, key, {})
+    return node[key]
 
 
 def _check_vllm_version(version: EngineVersion, family: Optional[str]) -> None:
