@@ -102,11 +102,14 @@ def word_sums(tensor: torch.Tensor, word_offset: int = 0, word_bytes: Optional[i
     words = _words(tensor, word_bytes or _word_bytes(nbytes))
     if words.numel() == 0:
         return 0, 0
-    unsigned = words.view(torch.uint16) if words.dtype == torch.int16 else words
     table = _weight_table(words.device)
     partial = []
     for start in range(0, words.numel(), _CHUNK_WORDS):
-        chunk = unsigned[start : start + _CHUNK_WORDS].to(torch.float64)
+        # int16 words read as unsigned through int32 (uint16 tensors lack ops on some devices)
+        chunk = words[start : start + _CHUNK_WORDS].to(torch.int32)
+        if words.dtype == torch.int16:
+            chunk.bitwise_and_(0xFFFF)
+        chunk = chunk.to(torch.float64)
         shift = (word_offset + start) % _PERIOD
         partial.append(torch.mv(table[:, shift : shift + chunk.numel()], chunk))  # one pass: (S1, S2)
     s1 = s2 = 0
