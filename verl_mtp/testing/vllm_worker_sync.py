@@ -324,10 +324,11 @@ def run_verl_path(checkpoints: dict[str, str]) -> dict:
             first = first.__context__
         frame = traceback.extract_tb(first.__traceback__)[-1]
         out["root_cause"] = f"{type(first).__name__}: {first} ({frame.filename}:{frame.lineno})"
-    sender.join(timeout=30)
+    sender.join(timeout=10)  # done when the receiver was; stuck for good when it failed
     out["errors"] = errors
     try:
-        out["verdict"] = {"in_sync": checker.finish(sync.llm.collective_rpc(REPORT_METHOD)), "problems": []}
+        metrics = checker.finish(sync.llm.collective_rpc(REPORT_METHOD))
+        out["verdict"] = {"in_sync": metrics.get("rollout/mtp_drafter_in_sync") == 1.0, "problems": []}
     except DrafterOutOfSyncError as exc:
         out["verdict"] = {"in_sync": False, "problems": str(exc).splitlines()}
     sync.llm.reset_prefix_cache()
