@@ -1,11 +1,12 @@
-"""Tiny MiMo and DeepSeek-V3 checkpoints exported by verl-mtp's bridges, run by vLLM's real CPU engine.
+"""Tiny MiMo, DeepSeek-V3 and GLM-4.5 checkpoints exported by verl-mtp's bridges, run by vLLM's real CPU engine.
 
 Two sides, each run as its own child process by ``tests/engine/test_export_drafts.py``:
 
 - ``export`` (needs megatron-core + mbridge, not verl): a tiny checkpoint of the family is loaded
   into a megatron-core GPTModel with MTP (``load_hf_model``), its weights are set to a
   construction whose draft is known (below), and ``export_hf_weights`` writes it back as a
-  Hugging Face checkpoint that vLLM loads (``MiMoForCausalLM`` / ``DeepseekV3ForCausalLM``).
+  Hugging Face checkpoint that vLLM loads (``MiMoForCausalLM`` / ``DeepseekV3ForCausalLM`` /
+  ``Glm4MoeForCausalLM``).
 - ``engine`` (needs vllm, not verl): one ``vllm.LLM`` in this process, greedy generation, and
   the spec-decode counters from ``LLM.get_metrics()``.
 
@@ -22,7 +23,13 @@ instead and predicts ``succ[x_t]`` = x_{t+1} != x_{t+2}: acceptance 0. A random 
 chance (1 / vocab).
 
 DeepSeek-V3 (MLA + MoE; the MoE experts' output projections are zero like the MLP's) runs in
-bf16 with ``kv_lora_rank`` 512 and rope dim 64, the sizes vLLM's CPU MLA accepts.
+bf16 with ``kv_lora_rank`` 512 and rope dim 64, the sizes vLLM's CPU MLA accepts; GLM-4.5 (GQA
+with qkv bias, partial rotary, MoE) in float32 with head_dim 32.
+
+Qwen3.5 / Qwen3-Next: verl-mtp exports only their MTP names on a Qwen3 attention trunk (tiny
+family ``qwen_mtp``; no bridge builds their gated-delta-net trunks). ``ENGINE_CONFIG`` dresses that
+checkpoint as each of them with every layer full attention and no output gate; ``refusals``
+records why vLLM does not run either here (see tests/engine/test_export_drafts.py).
 """
 
 from __future__ import annotations
@@ -41,10 +48,25 @@ SHAPES = {  # MiMo: head_dim 32 (CPU attention needs >= 32)
     "deepseek_v3": dict(_COMMON_SHAPE, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32,
                         kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
                         moe_intermediate_size=64),
+    "glm4_moe": dict(_COMMON_SHAPE, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     moe_intermediate_size=64),
+    "qwen3_5": dict(_COMMON_SHAPE, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "qwen3_next": dict(_COMMON_SHAPE, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+}
+# The tiny family megatron builds for each engine family (default: the same name).
+SOURCE_FAMILY = {"qwen3_5": "qwen_mtp", "qwen3_next": "qwen_mtp"}
+_ALL_FULL_ATTENTION = dict(layer_types=["full_attention", "full_attention"], attn_output_gate=False)
+# config.json keys the engine reads besides the source's.
+ENGINE_CONFIG = {
+    "mimo": dict(model_type="qwen2"),
+    "deepseek_v3": dict(model_type="deepseek_v3"),
+    "glm4_moe": dict(model_type="glm4_moe"),
+    "qwen3_5": dict(_ALL_FULL_ATTENTION, model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"]),
+    "qwen3_next": dict(_ALL_FULL_ATTENTION, model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"],
+                       num_experts=0),
 }
 # vLLM builds MiMo from a qwen2 config with MiMo's architecture name and MTP depth count.
-ENGINE_MODEL_TYPE = {"mimo": "qwen2", "deepseek_v3": "deepseek_v3"}
-ENGINE_DTYPE = {"qwen2": "float32", "deepseek_v3": "bfloat16"}  # vLLM's CPU MLA / MoE run in bf16
+ENGINE_DTYPE = {"deepseek_v3": "bfloat16"}  # vLLM's CPU MLA / MoE run in bf16; the others float32
 INPUT_PROJ = "model.mtp_layers.0.input_proj.weight"
 PROMPTS = ["The quick brown fox", "def main():", "Speculative decoding with an MTP head", "1 2 3 4 5 6"]
 
@@ -156,17 +178,19 @@ def write_tokenizer(path: str, vocab: int = VOCAB) -> None:
 
 
 def export_checkpoints(out: str, family: str = "mimo", seed: int = 0) -> dict[str, str]:
-    """Write ``out/{matched,random}`` (MiMo: and ``swapped``) and ``successor.json``; returns
-    head -> path."""
+    """Write ``out/{matched,random,trunk}`` (MiMo: and ``swapped``) and ``successor.json``; returns
+    head -> path. ``trunk`` is ``random`` without its MTP tensors and depth key."""
     from verl_mtp.local_megatron.hf_model import export_hf_weights, load_hf_model
+    from verl_mtp.models.families import DEPTH_KEYS, detect_family
     from verl_mtp.models.mtp_bridge import swap_halves
     from verl_mtp.testing.tiny_hf import tiny_config, write_checkpoint, write_tiny_checkpoint
 
     if family not in SHAPES:
         raise ValueError(f"family={family!r}: the engine tests build {', '.join(SHAPES)}")
     source = os.path.join(out, "source")
-    write_tiny_checkpoint(source, family, 1, seed=seed, **SHAPES[family])
-    config = dict(tiny_config(family, 1, **SHAPES[family]), model_type=ENGINE_MODEL_TYPE[family])
+    built = SOURCE_FAMILY.get(family, family)
+    write_tiny_checkpoint(source, built, 1, seed=seed, **SHAPES[family])
+    config = dict(tiny_config(built, 1, **SHAPES[family]), **ENGINE_CONFIG[family])
     succ = successor(seed=seed)
     paths = {}
     for head in ("random", "matched"):
@@ -178,8 +202,12 @@ def export_checkpoints(out: str, family: str = "mimo", seed: int = 0) -> dict[st
         variants = {head: tensors}
         if head == "matched" and family == "mimo":
             variants["swapped"] = dict(tensors, **{INPUT_PROJ: swap_halves(tensors[INPUT_PROJ])})
+        if head == "random":  # the trunk alone (no MTP tensors, no depth key): what `ckpt graft` mends
+            naming = detect_family(config).naming(config, 1, tensors)
+            variants["trunk"] = {n: t for n, t in tensors.items() if not naming.is_mtp(n)}
         for name, t in variants.items():
-            paths[name] = write_checkpoint(os.path.join(out, name), config, t, shards=1)
+            conf = config if name != "trunk" else {k: v for k, v in config.items() if k not in DEPTH_KEYS}
+            paths[name] = write_checkpoint(os.path.join(out, name), conf, t, shards=1)
             write_tokenizer(paths[name])
     with open(os.path.join(out, "successor.json"), "w") as f:
         json.dump(succ.tolist(), f)
@@ -206,7 +234,7 @@ def run_engine(path: str, speculate: bool, max_tokens: int = 48) -> dict:
     from vllm import LLM, SamplingParams
 
     with open(os.path.join(path, "config.json")) as f:
-        dtype = ENGINE_DTYPE[json.load(f)["model_type"]]
+        dtype = ENGINE_DTYPE.get(json.load(f)["model_type"], "float32")
     kwargs = dict(model=path, dtype=dtype, max_model_len=256, max_num_seqs=4, seed=0,
                   enforce_eager=True, disable_log_stats=False)
     if speculate:
@@ -221,6 +249,36 @@ def run_engine(path: str, speculate: bool, max_tokens: int = 48) -> dict:
     return result
 
 
+def write_engine_config_checkpoint(path: str, family: str, seed: int = 0) -> str:
+    """A random checkpoint in the engine's config for ``family`` (no megatron): enough for a
+    refusal that happens before weights are read."""
+    from verl_mtp.testing.tiny_hf import random_tensors, tiny_config, write_checkpoint
+
+    built = SOURCE_FAMILY.get(family, family)
+    source = tiny_config(built, 1, **SHAPES[family])
+    write_checkpoint(path, dict(source, **ENGINE_CONFIG[family]), random_tensors(source, seed), shards=1)
+    write_tokenizer(path)
+    return path
+
+
+def engine_refusals(workdir: str) -> dict[str, str]:
+    """Why this vLLM does not run the Qwen families verl-mtp can export names for (one vLLM import):
+    family -> the error, or "" when it ran."""
+    out = {}
+    try:  # Qwen3.5's text model lives in a module that imports the vision tower's image processor
+        importlib.import_module("vllm.model_executor.models.qwen3_5")
+        out["qwen3_5"] = ""
+    except Exception as exc:  # noqa: BLE001 - the reason is the result
+        out["qwen3_5"] = f"{type(exc).__name__}: {exc}"
+    path = write_engine_config_checkpoint(os.path.join(workdir, "qwen3_next"), "qwen3_next")
+    try:
+        run_engine(path, speculate=True, max_tokens=4)
+        out["qwen3_next"] = ""
+    except Exception as exc:  # noqa: BLE001
+        out["qwen3_next"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -231,9 +289,13 @@ def main(argv=None) -> int:
     en.add_argument("path")
     en.add_argument("result")
     en.add_argument("--no-spec", action="store_true")
+    re_ = sub.add_parser("refusals")
+    re_.add_argument("workdir")
     args = parser.parse_args(argv)
     if args.cmd == "export":
         print(json.dumps(export_checkpoints(args.out, args.family)))
+    elif args.cmd == "refusals":
+        print(json.dumps(engine_refusals(args.workdir)))
     else:
         result = run_engine(args.path, speculate=not args.no_spec)
         with open(args.result, "w") as f:
