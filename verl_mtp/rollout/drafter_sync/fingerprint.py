@@ -16,10 +16,12 @@ position pattern w(i) = ((i * 40503) mod 2**16) + 1. Why this choice:
   tensors before the engine fuses/shards them;
 * bits, not values: dtype and shape are part of the fingerprint; the same values in another dtype
   are reported as a dtype difference (verl's bucketed transfer keeps dtypes);
-* cheap: because w has period 2**16, the weights of any chunk are a slice of one cached table, and
-  (S1, S2) of a chunk is one matrix-vector product of the table's rows (1, w) with the chunk's
-  words in float64 (exact, see ``_CHUNK_WORDS``): a conversion and one pass per chunk of 2**20
-  words (8 MiB of scratch), one host sync per tensor; the table is 9 MiB per device.
+* cheap: w has period 2**16, so S2 = sum_j w(j) c_j where c_j sums the words whose position is
+  j mod 2**16. A chunk of up to 2**20 words is laid into whole rows of 2**16 int32 (zero padded
+  at both ends, the row start aligned with the period), the rows are summed into c in int32 and
+  (S1, S2) = (sum c, w . c) in int64, all exact (see ``_CHUNK_WORDS``): a conversion and one pass
+  per chunk (4 MiB of scratch), no float maths, one host sync per tensor; the weight row w is
+  512 KiB per device. A chunk that fits within one period is weighed directly by a slice of w.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ import torch
 _MODULUS = (1 << 61) - 1
 _WEIGHT_MULTIPLIER = 40503  # odd: i -> i * m mod 2**16 is a permutation, so weights differ locally
 _PERIOD = 1 << 16  # w(i) depends on i mod 2**16 only
-# float64 holds every integer below 2**53 exactly: a chunk's products are < 2**32 and its sums
-# < 2**52, so any summation order (BLAS, GPU) gives the exact integer
+# exact integers throughout: a chunk spans at most _CHUNK_WORDS // _PERIOD + 2 rows of words below
+# 2**16, so its column sums stay below 2**31 (int32) while _CHUNK_WORDS < 2**30, and w . c below 2**63
 _CHUNK_WORDS = 1 << 20
-_TABLES: dict[torch.device, torch.Tensor] = {}
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -82,15 +84,13 @@ def _words(tensor: torch.Tensor, word_bytes: int) -> torch.Tensor:
     return raw.view(torch.int16)
 
 
-def _weight_table(device: torch.device) -> torch.Tensor:
-    """Rows (1, w(i)) for i < _CHUNK_WORDS + _PERIOD as float64 (cached per device): a chunk at any
-    position p reads its weights as the slice starting at p mod _PERIOD (w has period _PERIOD)."""
-    table = _TABLES.get(device)
-    if table is None:
-        position = torch.arange(_CHUNK_WORDS + _PERIOD, device=device, dtype=torch.int64)
-        weight = ((position * _WEIGHT_MULTIPLIER) & 0xFFFF) + 1
-        table = _TABLES[device] = torch.stack((torch.ones_like(weight), weight)).to(torch.float64)
-    return table
+def _weight_row(device: torch.device) -> torch.Tensor:
+    """w(j) for j < _PERIOD as int64 (cached per device): the weight of every position p = j mod _PERIOD."""
+    weight = _WEIGHTS.get(device)
+    if weight is None:
+        position = torch.arange(_PERIOD, device=device, dtype=torch.int64)
+        weight = _WEIGHTS[device] = ((position * _WEIGHT_MULTIPLIER) & 0xFFFF) + 1
+    return weight
 
 
 def word_sums(tensor: torch.Tensor, word_offset: int = 0, word_bytes: Optional[int] = None) -> tuple[int, int]:
@@ -102,20 +102,33 @@ def word_sums(tensor: torch.Tensor, word_offset: int = 0, word_bytes: Optional[i
     words = _words(tensor, word_bytes or _word_bytes(nbytes))
     if words.numel() == 0:
         return 0, 0
-    table = _weight_table(words.device)
+    weight = _weight_row(words.device)
+    signed = words.dtype == torch.int16  # int16 words are read as unsigned: & 0xFFFF after widening
     partial = []
     for start in range(0, words.numel(), _CHUNK_WORDS):
-        # int16 words read as unsigned through int32 (uint16 tensors lack ops on some devices)
-        chunk = words[start : start + _CHUNK_WORDS].to(torch.int32)
-        if words.dtype == torch.int16:
-            chunk.bitwise_and_(0xFFFF)
-        chunk = chunk.to(torch.float64)
-        shift = (word_offset + start) % _PERIOD
-        partial.append(torch.mv(table[:, shift : shift + chunk.numel()], chunk))  # one pass: (S1, S2)
+        chunk = words[start : start + _CHUNK_WORDS]
+        n = chunk.numel()
+        head = (word_offset + start) % _PERIOD  # column of the chunk's first word
+        if head + n <= _PERIOD:  # within one period: weigh the words directly
+            x = chunk.to(torch.int64)
+            if signed:
+                x.bitwise_and_(0xFFFF)
+            partial.append(torch.stack((x.sum(), (x * weight[head : head + n]).sum())))
+            continue
+        rows = -(-(head + n) // _PERIOD)
+        laid = torch.empty(rows * _PERIOD, dtype=torch.int32, device=words.device)
+        laid[:head].zero_()
+        laid[head + n :].zero_()
+        body = laid[head : head + n]
+        body.copy_(chunk)
+        if signed:
+            body.bitwise_and_(0xFFFF)
+        column = laid.view(rows, _PERIOD).sum(0, dtype=torch.int32).to(torch.int64)
+        partial.append(torch.stack((column.sum(), (column * weight).sum())))
     s1 = s2 = 0
     for chunk_s1, chunk_s2 in torch.stack(partial).cpu().tolist():  # one host sync per tensor
-        s1 = (s1 + int(chunk_s1)) % _MODULUS
-        s2 = (s2 + int(chunk_s2)) % _MODULUS
+        s1 = (s1 + chunk_s1) % _MODULUS
+        s2 = (s2 + chunk_s2) % _MODULUS
     return s1, s2
 
 
