@@ -257,3 +257,56 @@ def test_tensor_parallel_chunked_output_layer_equals_single_rank(sequence_parall
             assert teacher_grad is None
             _assert_1e6_of_scale(hidden_grad, leaf.grad.chunk(2)[rank] if sequence_parallel else leaf.grad)
             _assert_1e6_of_scale(weight_grad, w.grad.chunk(2)[rank])
+
+
+# --- the teacher's rows: the main head at the position the depth predicts from -------------------
+
+
+def _position_hidden(seq_len, batch=2, h=3):
+    # row t carries t, so an aligned row says which main-head position it came from
+    return torch.arange(seq_len, dtype=torch.float32).view(-1, 1, 1).expand(seq_len, batch, h).clone()
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("packed", [False, True])
+def test_aligned_teacher_rows_are_the_main_heads_at_the_predicted_position(packed):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from verl_mtp.megatron.drafter_losses import aligned_teacher_hidden
+    from verl_mtp.megatron.mtp_log_probs import depth_targets
+
+    seq_len, depths = 11, 3
+    batch = 1 if packed else 2
+    params = None
+    if packed:  # two sequences of 6 and 5 tokens, THD: [s, 1, h]
+        cu = torch.tensor([0, 6, 11], dtype=torch.int32)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=6, max_seqlen_kv=6)
+    main = _position_hidden(seq_len, batch).requires_grad_()
+    labels = (torch.arange(seq_len) + 1).expand(batch, seq_len).contiguous()  # main head at t scores token t+1
+    if packed:
+        labels = torch.where(torch.arange(seq_len) == 5, 0, labels)  # the first sequence's junk last label
+    aligned = aligned_teacher_hidden(main, depths, packed_seq_params=params)
+    assert len(aligned) == depths and all(not a.requires_grad for a in aligned)
+    for teacher, target in zip(aligned, depth_targets(labels, depths, packed_seq_params=params)):
+        k = target.depth
+        rows = teacher[..., 0].transpose(0, 1)  # [b, s]: which main-head position each row holds
+        valid = target.valid
+        assert valid.any()
+        positions = torch.arange(seq_len).expand(batch, seq_len)
+        assert torch.equal(rows[valid], (positions + k)[valid].float())
+        # and that position's main head predicts exactly the depth's label
+        assert torch.equal(rows[valid] + 1, target.labels[valid].float())
+
+
+@pytest.mark.slow
+@pytest.mark.megatron
+def test_aligned_teacher_under_sequence_parallel_equals_one_rank():
+    from verl_mtp.megatron.drafter_losses import aligned_teacher_hidden
+    from verl_mtp.testing.drafter_ranks import aligned_teacher_rank
+    from verl_mtp.testing.gloo import run_on_gloo_ranks
+
+    main = torch.randn(12, 2, 4, generator=torch.Generator().manual_seed(5))
+    expected = aligned_teacher_hidden(main, 2)
+    results = run_on_gloo_ranks(aligned_teacher_rank, [(main, 2)] * 2)
+    for depth in range(2):
+        assert torch.equal(torch.cat([r[depth] for r in results], dim=0), expected[depth])

@@ -252,3 +252,41 @@ def mtp_drafter_divergences(
         )
         out.append(divergence)
     return torch.stack(out, dim=-1)
+
+
+@torch.no_grad()
+def aligned_teacher_hidden(
+    main_hidden: torch.Tensor,
+    num_depths: int,
+    *,
+    sequence_parallel: bool = False,
+    tp_group=None,
+    cp_group=None,
+    packed_seq_params=None,
+):
+    """The main head's final hidden states aligned to depths 1..K, detached: a list of [s, b, h].
+
+    Depth k's row t holds the main head's row t+k (whose next token depth k predicts at t), rolled
+    with megatron's ``roll_tensor`` exactly as ``depth_targets`` rolls the labels, so packed
+    sequences and context-parallel shards line up with the labels; rows whose label lies outside
+    the sequence hold junk the caller masks. With sequence parallelism each tensor-parallel rank
+    holds a slice of the sequence: the slices are gathered (hidden-sized, not vocabulary-sized),
+    rolled, and each rank keeps its own slice again.
+    """
+    from megatron.core.transformer.multi_token_prediction import roll_tensor
+
+    hidden = main_hidden.detach()
+    tp_size = torch.distributed.get_world_size(tp_group) if (sequence_parallel and tp_group is not None) else 1
+    if tp_size > 1:
+        parts = [torch.empty_like(hidden) for _ in range(tp_size)]
+        torch.distributed.all_gather(parts, hidden.contiguous(), group=tp_group)
+        hidden = torch.cat(parts, dim=0)
+    rows = hidden.movedim(0, -1)  # roll_tensor rolls the last dimension: [b, h, s]
+    out = []
+    for _ in range(num_depths):
+        rows, _ = roll_tensor(rows, shifts=-1, dims=-1, cp_group=cp_group, packed_seq_params=packed_seq_params)
+        aligned = rows.movedim(-1, 0)
+        if tp_size > 1:
+            aligned = aligned.chunk(tp_size, dim=0)[torch.distributed.get_rank(tp_group)]
+        out.append(aligned.contiguous())
+    return out

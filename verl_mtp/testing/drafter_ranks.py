@@ -66,3 +66,14 @@ def vocab_parallel_drafter_rank(weight, hidden, teacher_hidden, kind, temperatur
         finally:
             parallel_state.destroy_model_parallel()
     return divergence.detach(), local.grad, local_teacher.grad, layer.weight.grad
+
+
+def aligned_teacher_rank(main_hidden, num_depths):
+    """``aligned_teacher_hidden`` under sequence parallelism: this rank's slices, per depth."""
+    import torch.distributed as dist
+
+    from verl_mtp.megatron.drafter_losses import aligned_teacher_hidden
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = main_hidden.chunk(world, dim=0)[rank].clone()
+    return aligned_teacher_hidden(local, num_depths, sequence_parallel=True, tp_group=dist.group.WORLD)
