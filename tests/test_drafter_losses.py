@@ -53,7 +53,8 @@ def _close(got, expected):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows_per_block", [None, 2])  # None: one block; 2: several, the last ragged (kl holds three fp32 scratch blocks, tv two)
+# None: one block; 2: several, the last ragged (kl holds three fp32 scratch blocks, tv two)
+@pytest.mark.parametrize("rows_per_block", [None, 2])
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_direct_formula_and_its_gradient_in_fp32(kind, temperature, rows_per_block, monkeypatch):
@@ -248,7 +249,8 @@ def test_tensor_parallel_chunked_output_layer_equals_single_rank(sequence_parall
         # reference: one rank, the full vocabulary, unchunked, written directly
         w = weight.clone().requires_grad_()
         leaf = hidden.clone().requires_grad_()
-        expected = _reference_value((leaf @ w.T).transpose(0, 1), (teacher @ weight.T).transpose(0, 1), kind, temperature)
+        student_logits, teacher_logits = (leaf @ w.T).transpose(0, 1), (teacher @ weight.T).transpose(0, 1)
+        expected = _reference_value(student_logits, teacher_logits, kind, temperature)
         (expected * upstream).sum().backward()
         args = (weight, hidden, teacher, kind, temperature, upstream, sequence_parallel, 5)
         results = run_on_gloo_ranks(vocab_parallel_drafter_rank, [args, args])

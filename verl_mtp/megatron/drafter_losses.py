@@ -119,8 +119,9 @@ def _tv_forward(student, teacher, temperature, group):
     for block in blocks:
         p, q = _probs_pair(p_buf, q_buf, student, teacher, temperature, lse_p, lse_q, block)
         p.sub_(q).neg_()  # p := q − p
-        tv[block] = p.abs().sum(dim=-1)
-        q_dot_g[block] = (q * p.sign_()).sum(dim=-1)
+        # row reductions without another [rows, V] temporary
+        tv[block] = torch.linalg.vector_norm(p, ord=1, dim=-1)
+        q_dot_g[block] = torch.linalg.vecdot(q, p.sign_())
     tv = _all_reduce(tv, torch.distributed.ReduceOp.SUM, group).mul_(0.5)
     q_dot_g = _all_reduce(q_dot_g, torch.distributed.ReduceOp.SUM, group).mul_(0.5)
     return tv, lse_p, lse_q, q_dot_g

@@ -28,7 +28,9 @@ def drafter_divergence_rank(student, teacher, kinds, temperature, upstream):
     return out
 
 
-def vocab_parallel_drafter_rank(weight, hidden, teacher_hidden, kind, temperature, upstream, sequence_parallel, chunk_tokens):
+def vocab_parallel_drafter_rank(
+    weight, hidden, teacher_hidden, kind, temperature, upstream, sequence_parallel, chunk_tokens
+):
     """``mtp_drafter_divergences`` through megatron's ColumnParallelLinear on this rank's vocab shard.
 
     ``weight`` [V, h], ``hidden`` / ``teacher_hidden`` [s, b, h], ``temperature`` and ``upstream``
