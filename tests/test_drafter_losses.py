@@ -312,3 +312,83 @@ def test_aligned_teacher_under_sequence_parallel_equals_one_rank():
     results = run_on_gloo_ranks(aligned_teacher_rank, [(main, 2)] * 2)
     for depth in range(2):
         assert torch.equal(torch.cat([r[depth] for r in results], dim=0), expected[depth])
+
+
+# --- the setting: mtp_drafter_loss, through verl's real Megatron engine ---------------------------
+
+
+def test_mtp_drafter_loss_setting_is_checked_at_config_time():
+    from verl_mtp.config import ExtendedMtpConfig
+    from verl_mtp.errors import MtpConfigError
+
+    assert ExtendedMtpConfig().mtp_drafter_loss == "ce"
+    assert ExtendedMtpConfig(mtp_training_mode="standalone", mtp_drafter_loss="tv").mtp_drafter_loss == "tv"
+    with pytest.raises(MtpConfigError, match=r"mtp_drafter_loss.*'js'.*ce, kl, tv"):
+        ExtendedMtpConfig(mtp_training_mode="standalone", mtp_drafter_loss="js")
+    with pytest.raises(MtpConfigError, match=r"mtp_drafter_loss.*'kl'.*standalone.*mtp_training_mode='joint'"):
+        ExtendedMtpConfig(mtp_training_mode="joint", mtp_drafter_loss="kl")
+    with pytest.raises(MtpConfigError, match=r"mtp_drafter_loss.*'tv'.*mtp_loss_type='rl'"):
+        ExtendedMtpConfig(mtp_training_mode="standalone", mtp_loss_type="rl", mtp_drafter_loss="tv")
+
+
+ENGINE_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def engine_checkpoint(tmp_path_factory):
+    from verl_mtp.local_megatron.single_process import init_single_process_megatron
+    from verl_mtp.testing import real_engine
+
+    init_single_process_megatron()
+    return real_engine.write_tiny_engine_checkpoint(str(tmp_path_factory.mktemp("engine_ckpt")), mtp_depths=2)
+
+
+def _engine_steps(checkpoint, **mtp):
+    """ENGINE_STEPS RL steps (old log-probs, actor update) on one engine, from the same weights and data.
+
+    Zero advantages: the policy's gradient is zero, so the teacher stays put and the divergence of
+    each mini-batch is comparable across steps; any drafter gradient leaking into the policy's
+    parameters would move them away from the MTP-disabled run's.
+    """
+    from verl_mtp.config import ExtendedMtpConfig
+    from verl_mtp.testing import real_engine
+
+    # clip_grad out of reach: the global grad norm includes the MTP head's gradient
+    engine = real_engine.RealEngine.build(checkpoint, ExtendedMtpConfig(**mtp), clip_grad=1e9)
+    try:
+        prompts, responses, advantages = real_engine.tiny_rollout()
+        zero = torch.zeros_like(advantages)
+        return [real_engine.rl_step(engine, prompts, responses, zero) for _ in range(ENGINE_STEPS)]
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def no_mtp_steps(engine_checkpoint):
+    return _engine_steps(engine_checkpoint, enable=False)
+
+
+@pytest.mark.slow
+@pytest.mark.megatron
+@pytest.mark.parametrize("kind", KINDS)
+def test_standalone_drafter_loss_trains_the_head_toward_the_policy_in_verls_engine(
+    engine_checkpoint, no_mtp_steps, kind
+):
+    steps = _engine_steps(engine_checkpoint, mtp_training_mode="standalone", mtp_drafter_loss=kind)
+    for k in (1, 2):
+        # megatron's tracker, read by verl's engine: the depth's divergence, two mini-batches a step
+        per_step = [[float(v) for v in step.metrics[f"mtp_losses/mtp_{k}_loss"]] for step in steps]
+        assert all(len(v) == 2 for v in per_step)
+        flat = [v for values in per_step for v in values]
+        assert all(0.0 < v < (1.0 if kind == "tv" else 20.0) for v in flat), flat
+        for mini_batch in (0, 1):  # the same data each step: the head moves toward the policy
+            trace = [values[mini_batch] for values in per_step]
+            assert all(later < earlier for earlier, later in zip(trace, trace[1:])), per_step
+            assert trace[-1] < 0.9 * trace[0], per_step
+        agreement = [float(v) for step in steps for v in step.metrics[f"actor/mtp_{k}/draft_agreement"]]
+        assert all(0.0 <= a <= 1.0 for a in agreement)
+    for step, reference in zip(steps, no_mtp_steps):
+        assert any(n.startswith("mtp.") for n in step.changed())
+        # the policy's parameters learn exactly what they learn without MTP: nothing from the drafter loss
+        for name, value in reference.after.items():
+            assert torch.equal(step.after[name], value), name

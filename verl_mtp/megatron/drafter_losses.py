@@ -27,7 +27,6 @@ import torch
 
 from verl_mtp.megatron.tempered_log_probs import _all_reduce, _row_blocks
 
-DRAFTER_LOSSES = ("ce", "kl", "tv")
 DIVERGENCES = ("kl", "tv")
 
 
@@ -203,7 +202,8 @@ def mtp_drafter_divergences(
     scale_logits_fn=None,
     runtime_gather_output=None,
     chunk_tokens: int = 0,
-) -> torch.Tensor:
+    agreement_labels=None,
+):
     """Per-token drafter divergence [b, s, K] of MTP depths 1..K from the main head, in fp32.
 
     ``hidden_chunks[k-1]`` is depth k's MTP output [s, b, h] and ``teacher_hidden_chunks[k-1]``
@@ -213,10 +213,13 @@ def mtp_drafter_divergences(
     so per chunk only the two chunks' logits exist, and none outlive it. ``temperature`` [b, s]
     (or broadcastable) is the rollout temperature; positions whose label lies outside the sequence
     come back with finite junk and must be masked by the caller (``depth_targets``' validity).
+    ``agreement_labels`` (depth k's labels [b, s] per depth) also returns [b, s, K]: the depth's
+    argmax == its label, as a pair (divergence, agreement).
     """
     from verl_mtp.megatron.mtp_log_probs import (
         _output_layer_layout,
         _tensor_parallel_group,
+        argmax_agrees,
         map_token_chunks,
         output_logits,
     )
@@ -231,7 +234,7 @@ def mtp_drafter_divergences(
         temperature = torch.as_tensor(temperature, device=hidden_chunks[0].device, dtype=torch.float32)
         temperature = temperature.expand(batch, full_len)
 
-    def score(joined, temperature_bs):
+    def score(joined, temperature_bs, labels_bs=None):
         student_hidden, teacher_hidden = joined.chunk(2, dim=-1)
         student = output_logits(output_layer, student_hidden, output_weight, detach_output_layer, runtime_gather_output)
         with torch.no_grad():
@@ -241,18 +244,27 @@ def mtp_drafter_divergences(
             with torch.no_grad():
                 teacher = scale_logits_fn(teacher)
         temperature_sb = None if temperature_bs is None else temperature_bs.transpose(0, 1)
-        return (drafter_divergence(student, teacher, kind, temperature_sb, tp_group).transpose(0, 1),)
+        divergence = drafter_divergence(student, teacher, kind, temperature_sb, tp_group).transpose(0, 1)
+        if labels_bs is None:
+            return (divergence,)
+        return divergence, argmax_agrees(student, labels_bs.transpose(0, 1), tp_group).transpose(0, 1)
 
-    out = []
-    for hidden, teacher_hidden in zip(hidden_chunks, teacher_hidden_chunks, strict=True):
+    out, agree = [], []
+    labels = agreement_labels if agreement_labels is not None else [None] * len(hidden_chunks)
+    for hidden, teacher_hidden, depth_labels in zip(hidden_chunks, teacher_hidden_chunks, labels, strict=True):
         # one [s, b, 2h] input per depth, so the chunking slices student and teacher rows together
         joined = torch.cat([hidden, teacher_hidden.detach()], dim=-1)
-        (divergence,) = map_token_chunks(
-            score, joined, (temperature,),
+        per_token = (temperature,) if depth_labels is None else (temperature, depth_labels)
+        scored = map_token_chunks(
+            score, joined, per_token,
             chunk_tokens=chunk_tokens, sequence_parallel=sequence_parallel, tp_size=tp_size,
         )
-        out.append(divergence)
-    return torch.stack(out, dim=-1)
+        out.append(scored[0])
+        if depth_labels is not None:
+            agree.append(scored[1])
+    if agreement_labels is None:
+        return torch.stack(out, dim=-1)
+    return torch.stack(out, dim=-1), torch.stack(agree, dim=-1)
 
 
 @torch.no_grad()
@@ -291,3 +303,67 @@ def aligned_teacher_hidden(
             aligned = aligned.chunk(tp_size, dim=0)[torch.distributed.get_rank(tp_group)]
         out.append(aligned.contiguous())
     return out
+
+
+def add_mtp_drafter_losses(
+    carrier: torch.Tensor,
+    main_hidden: torch.Tensor,
+    hidden_chunks,
+    labels: torch.Tensor,
+    loss_mask: Optional[torch.Tensor],
+    kind: str,
+    temperature=None,
+    *,
+    output_layer: torch.nn.Module,
+    output_weight: Optional[torch.Tensor],
+    depth_scales,
+    per_token_loss: bool,
+    record=None,
+    detach_output_layer: bool = False,
+    scale_logits_fn=None,
+    cp_group=None,
+    packed_seq_params=None,
+    runtime_gather_output=None,
+    chunk_tokens: int = 0,
+):
+    """Attach each depth's drafter divergence to ``carrier`` (megatron's MTPLossAutoScaler).
+
+    The drafter-loss twin of ``add_mtp_ce_losses``: depth k's loss is ``depth_scales[k-1] *
+    sum(mask_k * D_k) / sum(mask_k)`` with D the per-token ``kind`` divergence from the main head
+    at the aligned position (``main_hidden`` [s, b, h], the main head's final hidden states, is
+    detached), the same masks, normalisation and ``record`` as the cross-entropy. Returns the
+    carrier and agreement / validity [b, s, K] for metrics.
+    """
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    from verl_mtp.megatron.mtp_log_probs import _output_layer_layout, _tensor_parallel_group, depth_targets
+
+    if loss_mask is None:
+        loss_mask = torch.ones_like(labels)
+    original_num_tokens = loss_mask.sum()
+    if temperature is not None and not (torch.is_tensor(temperature) and temperature.dim() == 2):
+        temperature = torch.as_tensor(temperature, device=labels.device, dtype=torch.float32).expand(labels.shape)
+    sequence_parallel, _ = _output_layer_layout(output_layer)
+    targets = list(depth_targets(
+        labels, len(hidden_chunks), loss_mask=loss_mask, cp_group=cp_group, packed_seq_params=packed_seq_params
+    ))
+    teachers = aligned_teacher_hidden(
+        main_hidden, len(hidden_chunks), sequence_parallel=sequence_parallel, tp_group=_tensor_parallel_group(),
+        cp_group=cp_group, packed_seq_params=packed_seq_params,
+    )
+    divergence, agree = mtp_drafter_divergences(
+        output_layer, hidden_chunks, teachers, kind, temperature,
+        output_weight=output_weight, detach_output_layer=detach_output_layer, scale_logits_fn=scale_logits_fn,
+        runtime_gather_output=runtime_gather_output, chunk_tokens=chunk_tokens,
+        agreement_labels=[t.labels for t in targets],
+    )
+    for target, scale in zip(targets, depth_scales):
+        loss = target.loss_mask * divergence[..., target.depth - 1]  # [b, s]
+        num_tokens = target.num_tokens.clamp(min=1)
+        if record is not None:
+            record(loss.detach().sum() * (target.num_tokens > 0).to(loss.dtype) / num_tokens, target.depth - 1)
+        if per_token_loss:
+            carrier = MTPLossAutoScaler.apply(carrier, scale * loss * (original_num_tokens / num_tokens))
+        else:
+            carrier = MTPLossAutoScaler.apply(carrier, scale * loss / num_tokens)
+    return carrier, agree, torch.stack([t.valid for t in targets], dim=-1)
