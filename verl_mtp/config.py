@@ -38,6 +38,7 @@ from verl.workers.config.model import MtpConfig as VerlMtpConfig
 TRAINING_MODES = ("disabled", "standalone", "joint")
 LOSS_TYPES = ("ce", "rl")
 COEF_MODES = ("fixed", "occ")
+DRAFTER_LOSSES = ("ce", "kl", "tv")
 # What OCC's lambda is when pi_theta == pi_old (first mini-batch of a step): the proxy
 # numerator is exactly 0 there, so the paper's formula would switch the MTP term off.
 OCC_ON_POLICY_COEFS = ("previous", "zero", "fixed")
@@ -114,6 +115,11 @@ class ExtendedMtpConfig(VerlMtpConfig):
     Loss:
         mtp_loss_type: ``ce`` (cross-entropy, verl's behaviour) or ``rl`` (the actor's policy loss
             applied to the MTP head's log-probs; arXiv 2605.28184's field name).
+        mtp_drafter_loss: the drafting objective of ``ce``'s MTP term: ``ce`` (cross-entropy on the
+            sampled token), ``kl`` (forward KL to the main head's distribution at the position the
+            depth predicts, at the rollout temperature; soft cross-entropy's gradient) or ``tv``
+            (total variation to it: one minus probabilistic drafting's acceptance). The main head
+            is detached. kl / tv run in the standalone regime with ``mtp_loss_type=ce``.
         mtp_coef_mode: ``fixed`` (``mtp_loss_scaling_factor``) or ``occ`` (Optimal Coefficient
             Calibration, ``rl`` only).
         occ_scale: OCC's lambda_plus. occ_eps: OCC's denominator epsilon.
@@ -169,6 +175,7 @@ class ExtendedMtpConfig(VerlMtpConfig):
 
     mtp_training_mode: Optional[str] = None
     mtp_loss_type: str = "ce"
+    mtp_drafter_loss: str = "ce"
     mtp_coef_mode: str = "fixed"
     occ_scale: float = 1.0
     occ_eps: float = 1e-8
@@ -245,6 +252,13 @@ class ExtendedMtpConfig(VerlMtpConfig):
     def _validate(self) -> None:
         _check_choice("mtp_loss_type", self.mtp_loss_type, LOSS_TYPES)
         _check_choice("mtp_coef_mode", self.mtp_coef_mode, COEF_MODES)
+        _check_choice("mtp_drafter_loss", self.mtp_drafter_loss, DRAFTER_LOSSES)
+        if self.mtp_drafter_loss != "ce" and (self.mtp_loss_type != "ce" or self.mtp_training_mode != "standalone"):
+            raise _error(
+                "mtp_drafter_loss", self.mtp_drafter_loss, "kl and tv train the MTP head alone toward the main "
+                f"head: set mtp_training_mode=standalone and mtp_loss_type=ce (got mtp_training_mode="
+                f"{self.mtp_training_mode!r}, mtp_loss_type={self.mtp_loss_type!r}) or use mtp_drafter_loss=ce"
+            )
         _check_choice("occ_on_policy_coef", self.occ_on_policy_coef, OCC_ON_POLICY_COEFS)
         _check_choice("occ_scope", self.occ_scope, OCC_SCOPES)
         _check_choice("drafter_sync_check", self.drafter_sync_check, DRAFTER_SYNC_CHECKS)

@@ -53,6 +53,7 @@ class MtpForwardPlan:
     detach_output_layer: bool  # standalone: the lm_head learns nothing from MTP
     ce_depth_scales: tuple = ()  # ce: depth k's loss scale, lambda * beta**(k-1) / K
     chunk_tokens: int = 0  # tokens per vocabulary-sized logits chunk of a depth; 0 = unchunked
+    drafter_loss: str = "ce"  # ce: cross-entropy on the sampled token; kl | tv: to the main head
 
     @classmethod
     def for_model(cls, mtp, model_config) -> "MtpForwardPlan":
@@ -67,7 +68,13 @@ class MtpForwardPlan:
             detach_output_layer=mtp.detach_encoder,
             ce_depth_scales=tuple(scale * w for w in mtp.step_weights(depths)),
             chunk_tokens=mtp.mtp_logits_chunk_tokens,
+            drafter_loss=getattr(mtp, "mtp_drafter_loss", "ce"),
         )
+
+    @property
+    def drafts_against_main_head(self) -> bool:
+        """kl / tv: the loss needs the rollout temperature, so the logits processor attaches it."""
+        return self.loss_type == "ce" and self.drafter_loss != "ce"
 
 
 @dataclass
@@ -84,6 +91,7 @@ class _PendingMtp:
     agree: Optional[torch.Tensor] = None  # ce: computed with the loss, [b, s, K]
     valid: Optional[torch.Tensor] = None
     logits_shape: tuple = ()  # [b, s, V/tp] of the main logits this stash belongs to
+    drafter: Optional[dict] = None  # kl / tv: what the processor's drafter loss needs besides the temperature
 
 
 _slot = threading.local()
@@ -188,17 +196,57 @@ def _run_mtp_block(model, kw):
     )
 
 
-def _attach_ce_losses(model, plan: MtpForwardPlan, chunks, kw, output_weight, cp_group):
-    """ce: each depth's cross-entropy attached to the main hidden states; (main hidden, agree, valid)."""
-    from verl_mtp.megatron.mtp_log_probs import add_mtp_ce_losses
-
-    packed_seq_params = kw.get("packed_seq_params")
+def _loss_scales(model, plan: MtpForwardPlan, packed_seq_params):
+    """(per-token loss?, depth scales, logits scaling) of the MTP loss terms attached to the graph."""
     factor = getattr(packed_seq_params, _VERL_NORMALIZATION_FACTOR_ATTR, None)
     per_token = bool(model.config.calculate_per_token_loss)
     scales = plan.ce_depth_scales
     if per_token and factor is not None:  # as verl's postprocess: normalise against routed tokens
         scales = tuple(s * factor for s in scales)
     use_mup = getattr(model.config, "use_mup", False) and hasattr(model, "_scale_logits")
+    return per_token, scales, model._scale_logits if use_mup else None
+
+
+def _drafter_stash(model, plan: MtpForwardPlan, main_hidden, kw):
+    """kl / tv: the main head's hidden states and the loss's settings, for the logits processor."""
+    per_token, scales, scale_logits_fn = _loss_scales(model, plan, kw.get("packed_seq_params"))
+    return dict(main_hidden=main_hidden, loss_mask=kw.get("loss_mask"), depth_scales=scales,
+                per_token_loss=per_token, scale_logits_fn=scale_logits_fn, record=_record_ce_loss(model))
+
+
+def _attach_drafter_losses(pending: "_PendingMtp", plan: MtpForwardPlan, result: dict, temperature):
+    """kl / tv: each depth's divergence from the main head attached to the processor's log-probs
+    (which every policy loss reads; verl's processor divides the logits in place, so they cannot
+    carry it). Called after verl's processor, whose temperature has its padding made positive.
+    Returns (agree, valid)."""
+    from verl_mtp.megatron.drafter_losses import add_mtp_drafter_losses
+
+    if "log_probs" not in result:
+        raise RuntimeError(
+            f"mtp_drafter_loss={plan.drafter_loss}: the MTP drafter loss rides on the main head's log-probs, "
+            "which this forward does not compute (distillation_only); use mtp_drafter_loss=ce"
+        )
+    carrier, agree, valid = add_mtp_drafter_losses(
+        result["log_probs"], pending.drafter["main_hidden"], pending.hidden_chunks, pending.labels,
+        pending.drafter["loss_mask"], plan.drafter_loss, temperature,
+        output_layer=pending.model.output_layer, output_weight=pending.output_weight,
+        depth_scales=pending.drafter["depth_scales"], per_token_loss=pending.drafter["per_token_loss"],
+        record=pending.drafter["record"], detach_output_layer=plan.detach_output_layer,
+        scale_logits_fn=pending.drafter["scale_logits_fn"], cp_group=pending.cp_group,
+        packed_seq_params=pending.packed_seq_params, runtime_gather_output=pending.runtime_gather_output,
+        chunk_tokens=plan.chunk_tokens,
+    )
+    # a copy ([tokens] only): the carrier returns its input as a view, which later in-place edits may not touch
+    result["log_probs"] = carrier.clone()
+    return agree, valid
+
+
+def _attach_ce_losses(model, plan: MtpForwardPlan, chunks, kw, output_weight, cp_group):
+    """ce: each depth's cross-entropy attached to the main hidden states; (main hidden, agree, valid)."""
+    from verl_mtp.megatron.mtp_log_probs import add_mtp_ce_losses
+
+    packed_seq_params = kw.get("packed_seq_params")
+    per_token, scales, scale_logits_fn = _loss_scales(model, plan, packed_seq_params)
     return add_mtp_ce_losses(
         chunks[0],
         chunks[1:],
@@ -211,7 +259,7 @@ def _attach_ce_losses(model, plan: MtpForwardPlan, chunks, kw, output_weight, cp
         per_token_loss=per_token,
         record=_record_ce_loss(model),
         detach_output_layer=plan.detach_output_layer,
-        scale_logits_fn=model._scale_logits if use_mup else None,
+        scale_logits_fn=scale_logits_fn,
         cp_group=cp_group,
         packed_seq_params=packed_seq_params,
         runtime_gather_output=kw.get("runtime_gather_output"),
@@ -235,14 +283,16 @@ def mtp_postprocess(self, **kw):
     cp_group = _cp_group(self, packed_seq_params)
     chunks = torch.chunk(hidden_states, 1 + self.config.mtp_num_layers, dim=0)
     output_weight = _output_weight(self)
-    main_hidden, agree, valid = chunks[0], None, None
-    if plan.loss_type == "ce":
+    main_hidden, agree, valid, drafter = chunks[0], None, None, None
+    if plan.drafts_against_main_head:
+        drafter = _drafter_stash(self, plan, main_hidden, kw)
+    elif plan.loss_type == "ce":
         main_hidden, agree, valid = _attach_ce_losses(self, plan, chunks, kw, output_weight, cp_group)
     logits = _main_logits(self, main_hidden, output_weight, kw)
     _put(
         _PendingMtp(
             model=self,
-            hidden_chunks=chunks[1:] if plan.loss_type == "rl" else (),
+            hidden_chunks=chunks[1:] if plan.loss_type == "rl" or drafter is not None else (),
             labels=labels,
             output_weight=output_weight,
             packed_seq_params=packed_seq_params,
@@ -251,6 +301,7 @@ def mtp_postprocess(self, **kw):
             agree=agree,
             valid=valid,
             logits_shape=tuple(logits.shape),
+            drafter=drafter,
         )
     )
     return logits
@@ -290,11 +341,13 @@ def logits_processor_with_mtp(original: Callable) -> Callable:
         pending = _take()  # taken first: a failure below must not leave it for the next micro-batch
         if pending is not None and not _belongs_to(pending, self, logits):
             pending = None  # another engine's model, or a forward whose output never reached here
-        result = original(self, logits, label, temperature, **kwargs)
         if pending is None:
-            return result
+            return original(self, logits, label, temperature, **kwargs)
         agree, valid = pending.agree, pending.valid
         plan = forward_plan(pending.model)
+        result = original(self, logits, label, temperature, **kwargs)
+        if pending.drafter is not None:  # kl / tv: attached here, where the rollout temperature is known
+            agree, valid = _attach_drafter_losses(pending, plan, result, temperature)
         if plan.loss_type == "rl":
             from verl_mtp.megatron.mtp_log_probs import mtp_raw_log_probs
 
