@@ -334,9 +334,12 @@ def add_mtp_drafter_losses(
     detached), the same masks, normalisation and ``record`` as the cross-entropy. Returns the
     carrier and agreement / validity [b, s, K] for metrics.
     """
-    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
-
-    from verl_mtp.megatron.mtp_log_probs import _output_layer_layout, _tensor_parallel_group, depth_targets
+    from verl_mtp.megatron.mtp_log_probs import (
+        _output_layer_layout,
+        _tensor_parallel_group,
+        attach_depth_loss,
+        depth_targets,
+    )
 
     if loss_mask is None:
         loss_mask = torch.ones_like(labels)
@@ -358,12 +361,8 @@ def add_mtp_drafter_losses(
         agreement_labels=[t.labels for t in targets],
     )
     for target, scale in zip(targets, depth_scales):
-        loss = target.loss_mask * divergence[..., target.depth - 1]  # [b, s]
-        num_tokens = target.num_tokens.clamp(min=1)
-        if record is not None:
-            record(loss.detach().sum() * (target.num_tokens > 0).to(loss.dtype) / num_tokens, target.depth - 1)
-        if per_token_loss:
-            carrier = MTPLossAutoScaler.apply(carrier, scale * loss * (original_num_tokens / num_tokens))
-        else:
-            carrier = MTPLossAutoScaler.apply(carrier, scale * loss / num_tokens)
+        carrier = attach_depth_loss(
+            carrier, target, divergence[..., target.depth - 1], scale, original_num_tokens,
+            per_token_loss=per_token_loss, record=record,
+        )
     return carrier, agree, torch.stack([t.valid for t in targets], dim=-1)

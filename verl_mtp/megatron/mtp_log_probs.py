@@ -261,8 +261,6 @@ def add_mtp_ce_losses(
     does). ``record(loss_for_log, k-1)`` receives the per-token mean for logging. Returns the
     hidden states carrying the losses, and agreement/validity [b, s, K] for metrics.
     """
-    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
-
     if loss_mask is None:
         loss_mask = torch.ones_like(labels)
     original_num_tokens = loss_mask.sum()
@@ -287,12 +285,23 @@ def add_mtp_ce_losses(
         )
         agree.append(depth_agree)
         valid.append(target.valid)
-        loss = target.loss_mask * token_loss  # [b, s]
-        num_tokens = target.num_tokens.clamp(min=1)
-        if record is not None:
-            record(loss.detach().sum() * (target.num_tokens > 0).to(loss.dtype) / num_tokens, target.depth - 1)
-        if per_token_loss:
-            main_hidden = MTPLossAutoScaler.apply(main_hidden, scale * loss * (original_num_tokens / num_tokens))
-        else:
-            main_hidden = MTPLossAutoScaler.apply(main_hidden, scale * loss / num_tokens)
+        main_hidden = attach_depth_loss(
+            main_hidden, target, token_loss, scale, original_num_tokens, per_token_loss=per_token_loss, record=record
+        )
     return main_hidden, torch.stack(agree, dim=-1), torch.stack(valid, dim=-1)
+
+
+def attach_depth_loss(carrier, target: "DepthTargets", token_loss, scale, original_num_tokens, *,
+                      per_token_loss: bool, record=None):
+    """``carrier`` with depth ``target.depth``'s loss ``scale * sum(mask * token_loss) / sum(mask)``
+    attached (megatron's MTPLossAutoScaler); with ``per_token_loss`` megatron's later division by the
+    main token count is undone, as megatron does. ``record`` gets the per-token mean for logging."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    loss = target.loss_mask * token_loss  # [b, s]
+    num_tokens = target.num_tokens.clamp(min=1)
+    if record is not None:
+        record(loss.detach().sum() * (target.num_tokens > 0).to(loss.dtype) / num_tokens, target.depth - 1)
+    if per_token_loss:
+        return MTPLossAutoScaler.apply(carrier, scale * loss * (original_num_tokens / num_tokens))
+    return MTPLossAutoScaler.apply(carrier, scale * loss / num_tokens)
