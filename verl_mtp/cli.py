@@ -175,17 +175,18 @@ def _add_ckpt_parser(sub) -> None:
 def _accept_eval(args: argparse.Namespace) -> int:
     import json
 
-    from verl_mtp.tools.accept_eval.options import AcceptEvalError
+    from verl_mtp.tools.accept_eval.options import DEFAULT_CONTEXT_BUCKETS, AcceptEvalError, parse_context_buckets
     from verl_mtp.tools.accept_eval.report import check_plot_target, plot_report, render_report
     from verl_mtp.tools.accept_eval.run import run_accept_eval
 
     try:
+        buckets = DEFAULT_CONTEXT_BUCKETS if args.context_buckets is None else parse_context_buckets(args.context_buckets)
         if args.plot:
             check_plot_target(args.plot)
         report = run_accept_eval(
             args.checkpoint, args.data, k_max=args.num_speculative_tokens,
             temperatures=tuple(args.temperature or (1.0,)), dtype=args.dtype,
-            max_samples=args.max_samples, tokenizer=args.tokenizer,
+            max_samples=args.max_samples, tokenizer=args.tokenizer, context_buckets=buckets,
         )
         if args.plot:
             plot_report(report, args.plot)
@@ -219,6 +220,10 @@ def _add_accept_eval_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write a plot (needs matplotlib)")
+    p.add_argument("--context-buckets", default=None, metavar="EDGES",
+                   help="starts of the context-length buckets of the acceptance-by-context table, comma-separated "
+                   "token counts from 0 ('k' = x1024; the last bucket is open-ended); default "
+                   "0,256,512,1k,2k,...,128k")
     p.set_defaults(func=_accept_eval)
 
 

@@ -47,6 +47,8 @@ verl's rollout dump decodes with ``skip_special_tokens=True``, so token ids are 
 
 The steps, one module each: ``options`` (the error class and option checks), ``samples`` (reading
 the JSONL), ``acceptance`` (the acceptance of one draft position and the chain-rule aggregation),
-``scoring`` (the teacher-forced megatron-core forward and per-anchor scores), ``run`` (the whole
-evaluation of a checkpoint) and ``report`` (the table and the plot).
+``scoring`` (the teacher-forced megatron-core forward and per-anchor scores), ``context`` (each
+draft position's acceptance by context length: the drafted token's index in prompt+response, in
+buckets, with standard errors), ``run`` (the whole evaluation of a checkpoint) and ``report`` (the
+tables and the plot).
 """

@@ -61,7 +61,63 @@ def render_report(report: AcceptEvalReport) -> str:
             cells.append(f"{_fmt(summary['expected_accepted'][j])} / {_fmt(summary['tokens_per_step'][j])}")
         rows.append(cells)
     lines += _table(header, rows)
+    if report.by_context is not None:
+        lines += ["", *_context_lines(report)]
     return "\n".join(lines) + "\n"
+
+
+def _tokens_label(n) -> str:
+    if n is None:
+        return "inf"
+    return f"{n // 1024}k" if n and n % 1024 == 0 else str(n)
+
+
+def _context_cell(stats: dict) -> tuple[str, bool]:
+    """"mean +-stderr"; marked * where one sequence leaves only the iid error."""
+    if stats["mean"] is None:
+        return "-", False
+    if stats["stderr"] is None:  # a single token
+        return f"{stats['mean']:.3f}", False
+    single = stats["stderr_clustered"] is None
+    return f"{stats['mean']:.3f} +-{stats['stderr']:.3f}" + ("*" if single else ""), single
+
+
+def _context_lines(report: AcceptEvalReport) -> list[str]:
+    """Acceptance per draft position by context-length bucket; empty buckets say so (never 0)."""
+    context, k = report.by_context, report.num_speculative_tokens
+    buckets = context["buckets"]
+    used = [b for b, bucket in enumerate(buckets) if any(bucket["tokens"])]
+    last = used[-1] if used else -1
+    labels = ["greedy"]
+    for t in report.temperatures:
+        labels += [f"T={temperature_key(t)} min(p,q)", f"T={temperature_key(t)} p(argmax q)"]
+    rows, starred = [], False
+    for bucket in buckets[: last + 1]:
+        span = f"[{_tokens_label(bucket['start'])}, {_tokens_label(bucket['end'])})"
+        if not any(bucket["tokens"]):
+            rows.append([span, "-", "0", "0", *("empty" for _ in labels)])
+            continue
+        for j in range(k):
+            series = [bucket["greedy"][j]]
+            for t in report.temperatures:
+                series += [bucket["sampled"][temperature_key(t)][j], bucket["argmax_draft"][temperature_key(t)][j]]
+            cells = []
+            for stats in series:
+                cell, star = _context_cell(stats)
+                cells.append(cell)
+                starred |= star
+            rows.append([span, str(j + 1), str(bucket["tokens"][j]), str(bucket["sequences"][j]), *cells])
+    lines = [
+        "acceptance by context length (tokens before the drafted token), per draft position: "
+        "mean +-standard error (the larger of the iid and the sequence-clustered one)",
+        *_table(["context", "pos", "tokens", "seqs", *labels], rows),
+    ]
+    if starred:
+        lines.append("* one sequence in the bucket: the error treats its tokens as independent (an underestimate)")
+    if last + 1 < len(buckets):
+        lines.append(f"no drafted tokens at context >= {_tokens_label(buckets[last + 1]['start'])} "
+                     f"({len(buckets) - last - 1} empty buckets not shown)")
+    return lines
 
 
 def _pyplot():

@@ -11,14 +11,17 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from verl_mtp.tools.accept_eval.acceptance import ChainAccumulator
+from verl_mtp.tools.accept_eval.context import ContextAccumulator, context_summary
 from verl_mtp.tools.accept_eval.options import (
     DEFAULT_ANCHOR_CHUNK,
+    DEFAULT_CONTEXT_BUCKETS,
     AcceptEvalError,
+    check_context_buckets,
     check_options,
     temperature_key,
 )
 from verl_mtp.tools.accept_eval.samples import Sample, check_token_ids, read_samples, tokenizer_loader
-from verl_mtp.tools.accept_eval.scoring import SequenceScores, layer_for_position, score_sequence
+from verl_mtp.tools.accept_eval.scoring import SequenceScores, first_anchor, layer_for_position, score_sequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +45,8 @@ class AcceptEvalReport:
     argmax_draft: dict  # str(temperature) -> summary
     # per_anchor=True: one entry per scored sample (see per_anchor_values), else None
     anchors: Optional[list] = None
+    # acceptance per draft position by context length (see verl_mtp.tools.accept_eval.context)
+    by_context: Optional[dict] = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +58,7 @@ class _Totals:
 
     k_max: int
     temperatures: Sequence[float]
+    context_buckets: Sequence[int] = DEFAULT_CONTEXT_BUCKETS
     greedy: ChainAccumulator = field(init=False)
     sampled: dict = field(init=False)  # temperature -> ChainAccumulator
     argmax_draft: dict = field(init=False)  # temperature -> ChainAccumulator
@@ -64,8 +70,16 @@ class _Totals:
         self.greedy = ChainAccumulator(self.k_max)
         self.sampled = {t: ChainAccumulator(self.k_max) for t in self.temperatures}
         self.argmax_draft = {t: ChainAccumulator(self.k_max) for t in self.temperatures}
+        edges, k = self.context_buckets, self.k_max
+        self.by_context = {
+            "greedy": ContextAccumulator(edges, k),
+            "sampled": {t: ContextAccumulator(edges, k) for t in self.temperatures},
+            "argmax_draft": {t: ContextAccumulator(edges, k) for t in self.temperatures},
+        }
 
-    def add(self, scores: Optional[SequenceScores], response_tokens: int) -> None:
+    def add(self, scores: Optional[SequenceScores], response_tokens: int, *, anchor0: int) -> None:
+        """``anchor0``: the index of the sequence's first anchor (row 0 of ``scores``), which places
+        every drafted token in its context-length bucket."""
         if scores is None:  # response too short to draft anything
             self.skipped += 1
             return
@@ -75,6 +89,17 @@ class _Totals:
         for t in self.temperatures:
             self.sampled[t].add(scores.sampled[t], scores.valid)
             self.argmax_draft[t].add(scores.argmax_draft[t], scores.valid)
+        context = self.by_context
+        context["greedy"].add(scores.greedy, scores.valid, anchor0)
+        for t in self.temperatures:
+            context["sampled"][t].add(scores.sampled[t], scores.valid, anchor0)
+            context["argmax_draft"][t].add(scores.argmax_draft[t], scores.valid, anchor0)
+
+    def context_report(self) -> dict:
+        rules = {"greedy": self.by_context["greedy"]}
+        for name in ("sampled", "argmax_draft"):
+            rules[name] = {temperature_key(t): acc for t, acc in self.by_context[name].items()}
+        return context_summary(self.context_buckets, rules)
 
 
 def evaluate(
@@ -90,15 +115,18 @@ def evaluate(
     family: Optional[str] = None,
     anchor_chunk: int = DEFAULT_ANCHOR_CHUNK,
     per_anchor: bool = False,
+    context_buckets: Sequence[int] = DEFAULT_CONTEXT_BUCKETS,
 ) -> AcceptEvalReport:
     """Teacher-forced acceptance of ``model``'s MTP head over ``samples`` (see the package doc).
-    ``per_anchor``: also keep every anchor's acceptances in ``report.anchors``."""
+    ``per_anchor``: also keep every anchor's acceptances in ``report.anchors``.
+    ``context_buckets``: starts of the context-length buckets of ``report.by_context``."""
     check_options(k_max, temperatures)
+    check_context_buckets(context_buckets)
     mtp = getattr(model, "mtp", None)
     if mtp is None or not len(getattr(mtp, "layers", ())):
         raise AcceptEvalError("the model has no MTP layers (model.mtp is missing); nothing to evaluate")
     model.eval()
-    totals = _Totals(k_max, temperatures)
+    totals = _Totals(k_max, temperatures, tuple(context_buckets))
     anchors = [] if per_anchor else None
     for sample in samples:
         if vocab_size:
@@ -107,7 +135,7 @@ def evaluate(
             model, sample.prompt_ids, sample.response_ids, k_max=k_max, temperatures=temperatures,
             vocab_size=vocab_size, device=device, anchor_chunk=anchor_chunk,
         )
-        totals.add(scores, len(sample.response_ids))
+        totals.add(scores, len(sample.response_ids), anchor0=first_anchor(len(sample.prompt_ids)))
         if per_anchor and scores is not None:
             anchors.append(per_anchor_values(sample, scores))
     if totals.sequences == 0:
@@ -131,6 +159,7 @@ def evaluate(
         sampled={temperature_key(t): acc.summary() for t, acc in totals.sampled.items()},
         argmax_draft={temperature_key(t): acc.summary() for t, acc in totals.argmax_draft.items()},
         anchors=anchors,
+        by_context=totals.context_report(),
     )
 
 
@@ -140,7 +169,7 @@ def per_anchor_values(sample: Sample, scores: SequenceScores) -> dict:
     ``first_anchor + r + j + 1``); ``valid`` is False where that token lies past the response."""
     return {
         "line": sample.line,
-        "first_anchor": max(len(sample.prompt_ids) - 1, 0),
+        "first_anchor": first_anchor(len(sample.prompt_ids)),
         "valid": scores.valid.tolist(),
         "greedy": scores.greedy.tolist(),
         "sampled": {temperature_key(t): v.tolist() for t, v in scores.sampled.items()},
@@ -159,6 +188,7 @@ def run_accept_eval(
     tokenizer: Optional[str] = None,
     anchor_chunk: int = DEFAULT_ANCHOR_CHUNK,
     per_anchor: bool = False,
+    context_buckets: Sequence[int] = DEFAULT_CONTEXT_BUCKETS,
 ) -> AcceptEvalReport:
     """Load ``checkpoint`` through mbridge into megatron-core and evaluate it on ``data``.
 
@@ -168,6 +198,7 @@ def run_accept_eval(
     from verl_mtp.models.families import text_config
 
     check_options(k_max, temperatures)
+    check_context_buckets(context_buckets)
     dtype = _resolve_dtype(dtype)
     if max_samples is not None and max_samples < 1:
         raise AcceptEvalError(f"--max-samples must be >= 1, got {max_samples}")
@@ -182,7 +213,7 @@ def run_accept_eval(
     return evaluate(
         model, samples, k_max=k_max, temperatures=temperatures, vocab_size=vocab_size,
         device=next(model.parameters()).device, checkpoint=checkpoint, data=data, family=family.name,
-        anchor_chunk=anchor_chunk, per_anchor=per_anchor,
+        anchor_chunk=anchor_chunk, per_anchor=per_anchor, context_buckets=context_buckets,
     )
 
 

@@ -118,6 +118,11 @@ class SequenceScores:
         )
 
 
+def first_anchor(prompt_len: int) -> int:
+    """Index of a sequence's first anchor: its last prompt token (the first decode step)."""
+    return max(prompt_len - 1, 0)
+
+
 @torch.no_grad()
 def score_sequence(
     model,
@@ -134,8 +139,8 @@ def score_sequence(
     to draft anything (fewer than 2 tokens)."""
     ids = list(prompt_ids) + list(response_ids)
     length, start = len(ids), len(prompt_ids)
-    first_anchor, last_anchor = max(start - 1, 0), length - 3  # anchor i drafts x[i+2] first
-    if last_anchor < first_anchor:
+    first, last_anchor = first_anchor(start), length - 3  # anchor i drafts x[i+2] first
+    if last_anchor < first:
         return None
     num_layers = len(model.mtp.layers)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
@@ -146,7 +151,7 @@ def score_sequence(
             model, main_hidden, draft_hidden, a, min(a + anchor_chunk, last_anchor + 1), length,
             k_max=k_max, temperatures=temperatures, vocab_size=vocab_size,
         )
-        for a in range(first_anchor, last_anchor + 1, anchor_chunk)
+        for a in range(first, last_anchor + 1, anchor_chunk)
     ]
     return SequenceScores.joined(chunks)
 
