@@ -103,7 +103,7 @@ def test_demo_help_names_the_regimes_and_is_light():
     assert code == 0
     assert_light(modules)  # the regime names come from verl_mtp.tools.demo, which imports torch only to run
     flat = " ".join(out.split())
-    assert f"from {', '.join(REGIMES)}" in flat and f"default {','.join(DEFAULT_REGIMES)}" in flat
+    assert f"from {', '.join(REGIMES)}" in flat and f"default {', '.join(DEFAULT_REGIMES)}" in flat
 
 
 def test_explain_reads_the_mtp_api_without_importing_megatron_models():

@@ -18,7 +18,9 @@ import torch
 from verl_mtp.tools.demo import DemoOptions, run_demo
 
 pytestmark = pytest.mark.megatron
-REGIMES = ("none", "disabled", "standalone", "joint", "rl", "rl_occ")
+REGIMES = ("none", "disabled", "standalone", "joint", "rl", "rl_occ", "standalone_kl", "standalone_tv")
+HEAD_METRICS = ("mtp_ce", "draft_agreement", "accept_greedy", "accept_probabilistic")
+RL_TERM = ("rl", "rl_occ")  # regimes whose MTP term is the policy loss
 STEPS = 2
 
 
@@ -30,7 +32,7 @@ def demo(tmp_path_factory):
         steps=STEPS, regimes=REGIMES, warmup_steps=3, prompts_per_step=4, samples_per_prompt=2,
         micro_batch_size=4, out_dir=str(out), progress=lines.append,
     )
-    return {**run_demo(options), "progress": lines}
+    return {**run_demo(options), "progress": lines, "options": options}
 
 
 def _records(demo):
@@ -46,14 +48,18 @@ def test_metrics_for_every_regime_are_finite(demo):
         assert all(math.isfinite(v) for v in numbers.values()), r
         assert 0.0 <= r["reward"] <= 1.0
         has_head = r["regime"] != "none"
-        assert (r["mtp_ce"] is not None) == has_head and (r["draft_agreement"] is not None) == has_head
-        assert (r["mtp_pg_loss"] is not None) == r["regime"].startswith("rl")
+        assert all((r[key] is not None) == has_head for key in HEAD_METRICS), r
+        if has_head:
+            assert all(0.0 <= r[key] <= 1.0 for key in ("draft_agreement", "accept_greedy", "accept_probabilistic"))
+        assert (r["mtp_pg_loss"] is not None) == (r["regime"] in RL_TERM)
     coef = {r["regime"]: r["coef"] for r in records}
-    assert coef["disabled"] == 0.0 and coef["standalone"] == coef["joint"] == coef["rl"] == 0.1
+    assert coef["disabled"] == 0.0
+    assert all(coef[g] == 0.1 for g in ("standalone", "joint", "rl", "standalone_kl", "standalone_tv"))
     # Same weights, prompts and sampling seeds: every regime's first step sees the same rollouts.
     first = {r["regime"]: r for r in records if r["step"] == 1}
     assert len({round(r["reward"], 9) for r in first.values()}) == 1
-    assert len({round(r["draft_agreement"], 9) for r in first.values() if r["draft_agreement"] is not None}) == 1
+    for key in HEAD_METRICS:
+        assert len({round(r[key], 9) for r in first.values() if r[key] is not None}) == 1, key
 
 
 def test_figure_is_a_png(demo):
@@ -87,16 +93,16 @@ def test_steps_are_counted_from_1_in_metrics_progress_and_figure(demo):
 def test_figure_labels_every_axis_and_tells_coinciding_regimes_apart(demo):
     import matplotlib.pyplot as plt
 
-    from verl_mtp.tools.demo import LINE_STYLES, build_figure
+    from verl_mtp.tools.demo import LINE_STYLES, REGIME_LABELS, build_figure
 
     fig = build_figure(demo["results"])
     try:
-        assert len(fig.axes) == 4
+        assert len(fig.axes) == 6
         for ax in fig.axes:
             assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
             lines = ax.get_lines()
             assert len(lines) == len(REGIMES)
-            # colour alone does not separate lines drawn exactly on top of each other (three regimes
+            # colour alone does not separate lines drawn exactly on top of each other (five regimes
             # share lambda = 0.1): each has its own marker and width, and a visible line style
             assert len({line.get_marker() for line in lines}) == len(lines)
             assert len({line.get_linewidth() for line in lines}) == len(lines)
@@ -104,7 +110,8 @@ def test_figure_labels_every_axis_and_tells_coinciding_regimes_apart(demo):
     finally:
         plt.close(fig)
     dashes = [style[1] for style in LINE_STYLES.values()]
-    assert set(LINE_STYLES) == set(REGIMES) and len(set(map(str, dashes))) == len(dashes)
+    assert set(LINE_STYLES) == set(REGIME_LABELS) and len(set(map(str, dashes))) == len(dashes)
+    assert len({style[2] for style in LINE_STYLES.values()}) == len(LINE_STYLES)  # markers
 
 
 def test_sampler_log_probs_equal_verls_engine_forward(demo):
@@ -132,7 +139,7 @@ def test_disabled_and_standalone_leave_the_trunk_as_a_run_without_mtp(demo):
     results, initial = demo["results"], demo["initial_state"]
     reference = _trunk(results["none"].state)  # a model built without any MTP head
     assert any(not torch.equal(v, initial[k]) for k, v in reference.items())  # the policy did learn
-    for regime in ("disabled", "standalone"):
+    for regime in ("disabled", "standalone", "standalone_kl", "standalone_tv"):
         trunk = _trunk(results[regime].state)
         assert trunk.keys() == reference.keys()
         assert all(torch.equal(trunk[k], reference[k]) for k in reference), regime
@@ -147,7 +154,7 @@ def test_the_head_trains_except_when_disabled(demo):
     head = [k for k in initial if k.startswith("mtp.")]
     assert head
     assert all(torch.equal(results["disabled"].state[k], initial[k]) for k in head)
-    for regime in ("standalone", "joint", "rl", "rl_occ"):
+    for regime in REGIMES[2:]:
         assert any(not torch.equal(results[regime].state[k], initial[k]) for k in head), regime
 
 
@@ -156,10 +163,80 @@ def test_summary_table_lists_every_regime(demo):
 
     table = format_summary(demo["rows"])
     assert all(REGIME_LABELS[r] in table for r in REGIMES)
+    assert "acc greedy" in table.splitlines()[0] and "acc prob" in table.splitlines()[0]
+    with open(os.path.join(demo["options"].out_dir, "summary.json")) as f:
+        summary = {row["regime"]: row for row in json.load(f)}
+    records = _records(demo)
+    for regime in REGIMES:  # the last-5 means of the per-step values (here: both steps)
+        row = summary[REGIME_LABELS[regime]]
+        for key in ("accept_greedy", "accept_probabilistic"):
+            values = [r[key] for r in records if r["regime"] == regime]
+            if regime == "none":
+                assert row[f"{key}_last"] is None
+            else:
+                assert row[f"{key}_last"] == pytest.approx(sum(values) / len(values), abs=1e-12)
+
+
+def _accept_eval_acceptance(state, prompts, responses, temperature):
+    """accept-eval's own computation of the depth-1 acceptances, averaged over every anchor: a
+    plain megatron-core GPT (not prepared by verl) with ``state``, its chained MTP layer forward one
+    sequence at a time (``score_sequence``), greedy drafts p(argmax q) and probabilistic sum min(p, q)."""
+    from verl_mtp.local_megatron.tiny_gpt import build_tiny_gpt
+    from verl_mtp.tools.accept_eval.scoring import score_sequence
+    from verl_mtp.tools.demo import VOCAB, load_parameters, model_spec
+
+    model = build_tiny_gpt(model_spec())
+    load_parameters(model, state)
+    model.eval()
+    greedy, probabilistic = [], []
+    for prompt, response in zip(prompts.tolist(), responses.tolist()):
+        scores = score_sequence(model, prompt, response, k_max=1, temperatures=[temperature], vocab_size=VOCAB)
+        assert bool(scores.valid.all())
+        greedy.append(scores.argmax_draft[temperature][:, 0])
+        probabilistic.append(scores.sampled[temperature][:, 0])
+    return torch.cat(greedy).mean().item(), torch.cat(probabilistic).mean().item()
+
+
+def _first_step_rollouts(demo):
+    """Step 1's rollouts, regenerated as run_regime draws them (same generators, warmed-up weights)."""
+    from verl_mtp.tools.demo import build_model, generate, load_parameters, regime_config, reward, sample_prompts
+
+    options = demo["options"]
+    prompts, answers = sample_prompts(options.prompts_per_step, torch.Generator().manual_seed(options.seed))
+    prompts = prompts.repeat_interleave(options.samples_per_prompt, 0)
+    answers = answers.repeat_interleave(options.samples_per_prompt, 0)
+    model = build_model(regime_config("disabled"))
+    load_parameters(model, demo["initial_state"])
+    responses, _ = generate(model, prompts, options.temperature, torch.Generator().manual_seed(options.seed + 1))
+    return prompts, responses, reward(responses, answers).mean().item()
+
+
+def test_acceptance_columns_equal_accept_evals_computation(demo):
+    """metrics.jsonl's acceptances of step 1 (the same rollouts and weights for every regime) and
+    a trained TV head's on those rollouts at another temperature equal accept-eval's own path."""
+    from verl_mtp.tools.demo import build_model, load_parameters, mtp_head_on_rollouts, regime_config
+
+    prompts, responses, step_reward = _first_step_rollouts(demo)
+    first = [r for r in _records(demo) if r["step"] == 1 and r["regime"] != "none"]
+    assert first[0]["reward"] == pytest.approx(step_reward, abs=1e-9)  # the same rollouts
+    greedy, probabilistic = _accept_eval_acceptance(
+        demo["initial_state"], prompts, responses, demo["options"].temperature
+    )
+    for r in first:
+        assert r["accept_greedy"] == pytest.approx(greedy, abs=1e-6), r["regime"]
+        assert r["accept_probabilistic"] == pytest.approx(probabilistic, abs=1e-6), r["regime"]
+
+    trained = demo["results"]["standalone_tv"].state
+    model = build_model(regime_config("standalone_tv"))
+    load_parameters(model, trained)
+    head = mtp_head_on_rollouts(model, prompts, responses, temperature=0.7)
+    greedy, probabilistic = _accept_eval_acceptance(trained, prompts, responses, 0.7)
+    assert head["accept_greedy"] == pytest.approx(greedy, abs=1e-6)
+    assert head["accept_probabilistic"] == pytest.approx(probabilistic, abs=1e-6)
 
 
 CLI = os.path.join(os.path.dirname(sys.executable), "verl-mtp")
-CHOICES = "valid choices are none, disabled, standalone, joint, rl, rl_occ"
+CHOICES = "valid choices are " + ", ".join(REGIMES + ("decoupled_occ_tv",))
 
 
 def _cli(*args, timeout=300):

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--regimes", default=",".join(DEFAULT_REGIMES),
         help=f"comma-separated, from {', '.join(REGIMES)} (none = a model without MTP head, for reference; "
-        f"default {','.join(DEFAULT_REGIMES)})",
+        f"default {', '.join(DEFAULT_REGIMES)})",  # spaces: argparse wraps the line there, not inside a name
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="verl_mtp_demo", help="output directory (default ./verl_mtp_demo)")

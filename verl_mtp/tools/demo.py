@@ -49,9 +49,12 @@ REGIME_LABELS = {
     "joint": "joint CE",
     "rl": "rl, fixed lambda",
     "rl_occ": "rl + OCC",
+    "standalone_kl": "standalone KL",
+    "standalone_tv": "standalone TV",
+    "decoupled_occ_tv": "decoupled rl+OCC, TV head",
 }
 REGIMES = tuple(REGIME_LABELS)
-DEFAULT_REGIMES = ("disabled", "standalone", "joint", "rl", "rl_occ")
+DEFAULT_REGIMES = ("disabled", "standalone", "joint", "rl", "rl_occ", "standalone_kl", "standalone_tv")
 
 
 class DemoOptionsError(VerlMtpError, ValueError):
@@ -76,7 +79,34 @@ def regime_config(name: str, coef: float = 0.1):
         return ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_loss_scaling_factor=coef)
     if name == "rl_occ":
         return ExtendedMtpConfig(mtp_training_mode="joint", mtp_loss_type="rl", mtp_coef_mode="occ")
+    if name in ("standalone_kl", "standalone_tv"):  # the head alone, toward the policy's distribution
+        return ExtendedMtpConfig(
+            mtp_training_mode="standalone", mtp_drafter_loss=name.rsplit("_", 1)[1], mtp_loss_scaling_factor=coef
+        )
+    if name == "decoupled_occ_tv":
+        return decoupled_config(coef)
     raise DemoOptionsError(f"unknown demo regime {name!r}; valid choices are {', '.join(REGIMES)}")
+
+
+def decoupled_config(coef: float = 0.1):
+    """decoupled_occ_tv's config: the shared parameters get only OCC's lambda * the rl term, the MTP
+    module's own parameters the TV drafter loss (scaled by ``coef``, as the standalone regimes').
+
+    Raises DemoOptionsError, naming the regime, where this verl-mtp's config does not accept the
+    decoupled mode.
+    """
+    from verl_mtp.config import ExtendedMtpConfig, MtpConfigError
+
+    try:
+        return ExtendedMtpConfig(
+            mtp_training_mode="decoupled", mtp_loss_type="rl", mtp_coef_mode="occ", mtp_drafter_loss="tv",
+            mtp_loss_scaling_factor=coef,
+        )
+    except MtpConfigError as exc:
+        raise DemoOptionsError(
+            f"demo regime 'decoupled_occ_tv' needs mtp_training_mode=decoupled, which this verl-mtp's config "
+            f"refuses ({exc}); choose other regimes with --regimes"
+        ) from exc
 
 
 @dataclass
@@ -117,6 +147,8 @@ class DemoOptions:
                 raise DemoOptionsError(invalid_value(flag, getattr(self, key), "expected >= 1"))
         if self.warmup_steps < 0:
             raise DemoOptionsError(invalid_value("--warmup-steps", self.warmup_steps, "expected >= 0"))
+        if "decoupled_occ_tv" in self.regimes:
+            decoupled_config(self.coef)  # refused before anything runs where the config lacks the mode
         if self.figure and importlib.util.find_spec("matplotlib") is None:
             raise DemoOptionsError(
                 "the figure needs matplotlib, which is not installed: reinstall verl-mtp "
@@ -217,25 +249,36 @@ def generate(model, prompts: torch.Tensor, temperature: float, generator: torch.
     return tokens[:, prompts.shape[1]:], torch.cat(log_probs, dim=1)
 
 
-def mtp_head_on_rollouts(model, prompts: torch.Tensor, responses: torch.Tensor) -> dict:
-    """The depth-1 head on the step's own rollouts: cross-entropy and argmax agreement.
+HEAD_METRICS = ("mtp_ce", "draft_agreement", "accept_greedy", "accept_probabilistic")
 
-    Measured the same way for every regime (``disabled`` included), before the step's update: at
-    hidden position t the head predicts token t+2; only response tokens count.
+
+def mtp_head_on_rollouts(model, prompts: torch.Tensor, responses: torch.Tensor, temperature: float = 1.0) -> dict:
+    """The depth-1 head on the step's own rollouts, measured the same way for every regime
+    (``disabled`` included), before the step's update; only response tokens count.
+
+    - ``mtp_ce``, ``draft_agreement``: the head's cross-entropy and argmax agreement with the sampled
+      token, over every response token (hidden position t predicts token t+2).
+    - ``accept_greedy``, ``accept_probabilistic``: speculative sampling's acceptance of the head's
+      drafts verified at ``temperature``, as ``accept-eval`` computes it (its functions): greedy
+      drafts p(argmax q), probabilistic drafts sum_v min(p, q) = 1 - TV(p, q), where p is the
+      policy's distribution at the drafted token's position and q the head's, both at
+      ``temperature``. The anchors are those of a speculative rollout (accept-eval's): the draft of
+      every response token after the first (the first comes from the prompt's forward).
     """
     import torch
 
     if getattr(model, "mtp", None) is None:
-        return {"mtp_ce": None, "draft_agreement": None}
+        return dict.fromkeys(HEAD_METRICS)
     with torch.no_grad():
-        return _score_head(model, prompts, responses)
+        return _score_head(model, prompts, responses, temperature)
 
 
-def _score_head(model, prompts, responses) -> dict:
+def _score_head(model, prompts, responses, temperature) -> dict:
     import torch
 
     from verl_mtp.local_megatron.single_process import cpu_megatron
     from verl_mtp.megatron.mtp_forward import score_mtp_without_grad
+    from verl_mtp.tools.accept_eval.acceptance import argmax_draft_acceptance, sampled_acceptance
 
     tokens = torch.cat([prompts, responses], dim=1)
     captured = {}
@@ -253,16 +296,28 @@ def _score_head(model, prompts, responses) -> dict:
         model.train()
     if "hidden" not in captured:
         raise DemoRunError("the model's forward did not run its MTP block; cannot measure the head")
-    hidden = torch.chunk(captured["hidden"], 2, dim=0)[1]  # [s, b, h]: depth 1
+    # megatron's MTP block returns [main; depth 1] stacked on the sequence dim, each [s, b, h]
+    # (the main part after the final norm, as the output layer takes it)
     with cpu_megatron():
-        logits, _ = model.output_layer(hidden)
-    log_probs = torch.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # [b, s, V]
+        logits, _ = model.output_layer(captured["hidden"])
+    main_logits, draft_logits = (part.float().transpose(0, 1) for part in torch.chunk(logits, 2, dim=0))  # [b, s, V]
+    log_probs = torch.log_softmax(draft_logits, dim=-1)
     first = PROMPT_LEN - 2  # hidden position whose depth-1 target is the first response token
     targets = tokens[:, PROMPT_LEN:]
     scored = log_probs[:, first : first + RESPONSE_LEN]
     nll = -scored.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     agree = scored.argmax(-1) == targets
-    return {"mtp_ce": nll.mean().item(), "draft_agreement": agree.float().mean().item()}
+    # Anchor i (PROMPT_LEN-1 .. end-3) drafts token i+2 from hidden i; the policy's distribution
+    # for that token is the main head's at position i+1.
+    anchors = slice(PROMPT_LEN - 1, tokens.shape[1] - 2)
+    q = draft_logits[:, anchors].reshape(-1, VOCAB)
+    p = main_logits[:, anchors.start + 1 : anchors.stop + 1].reshape(-1, VOCAB)
+    return {
+        "mtp_ce": nll.mean().item(),
+        "draft_agreement": agree.float().mean().item(),
+        "accept_greedy": argmax_draft_acceptance(p, q, temperature).mean().item(),
+        "accept_probabilistic": sampled_acceptance(p, q, temperature).mean().item(),
+    }
 
 
 def warm_up(options: DemoOptions) -> dict:
@@ -388,7 +443,7 @@ def run_regime(name: str, initial_state: dict, options: DemoOptions) -> RegimeRe
         prompts, answers = prompts.repeat_interleave(group, 0), answers.repeat_interleave(group, 0)
         responses, sampled_log_probs = generate(model, prompts, options.temperature, sample_gen)
         rewards = reward(responses, answers)
-        head = mtp_head_on_rollouts(model, prompts, responses)
+        head = mtp_head_on_rollouts(model, prompts, responses, options.temperature)
         old = list(sampled_log_probs.unbind())
         advantages = _grpo_advantages(rewards, group)
         n = prompts.shape[0]
@@ -413,6 +468,8 @@ def run_regime(name: str, initial_state: dict, options: DemoOptions) -> RegimeRe
             "reward": rewards.mean().item(),
             "mtp_ce": head["mtp_ce"],
             "draft_agreement": head["draft_agreement"],
+            "accept_greedy": head["accept_greedy"],
+            "accept_probabilistic": head["accept_probabilistic"],
             "coef": coef,
             "mtp_pg_loss": _mean([m.get("actor/mtp_1/pg_loss") for m in metrics]),
             "pg_loss": _mean([m.get("actor/pg_loss") for m in metrics]),
@@ -421,8 +478,12 @@ def run_regime(name: str, initial_state: dict, options: DemoOptions) -> RegimeRe
         if options.progress:
             head_text = "no MTP head"
             if head["mtp_ce"] is not None:
-                head_text = f"MTP CE {head['mtp_ce']:.3f}  agreement {head['draft_agreement']:.3f}  lambda {coef:.3g}"
-            options.progress(f"[{name:<10}] step {step:>3}/{options.steps}  reward {record['reward']:.3f}  {head_text}")
+                head_text = (
+                    f"MTP CE {head['mtp_ce']:.3f}  agreement {head['draft_agreement']:.3f}  "
+                    f"accept greedy {head['accept_greedy']:.3f} prob {head['accept_probabilistic']:.3f}  "
+                    f"lambda {coef:.3g}"
+                )
+            options.progress(f"[{name:<16}] step {step:>3}/{options.steps}  reward {record['reward']:.3f}  {head_text}")
     result.seconds = time.perf_counter() - started
     result.state = parameters_of(model)
     return result
@@ -442,6 +503,8 @@ def summary_rows(results: dict, last: int = 5) -> list[dict]:
             "mtp_ce_last": _mean([s["mtp_ce"] for s in tail]),
             "agreement_first": result.steps[0]["draft_agreement"],
             "agreement_last": _mean([s["draft_agreement"] for s in tail]),
+            "accept_greedy_last": _mean([s["accept_greedy"] for s in tail]),
+            "accept_probabilistic_last": _mean([s["accept_probabilistic"] for s in tail]),
             "coef_mean": _mean([s["coef"] for s in result.steps]),
             "seconds": result.seconds,
         })
@@ -452,7 +515,8 @@ def format_summary(rows: list[dict], last: int = 5) -> str:
     columns = [  # (key, title, width, format)
         ("reward_first", "reward 1st", 11, ".3f"), ("reward_last", f"last {last}", 9, ".3f"),
         ("mtp_ce_last", "MTP CE", 9, ".3f"), ("agreement_first", "agree 1st", 10, ".3f"),
-        ("agreement_last", f"last {last}", 9, ".3f"), ("coef_mean", "mean lambda", 12, ".3g"),
+        ("agreement_last", f"last {last}", 9, ".3f"), ("accept_greedy_last", "acc greedy", 11, ".3f"),
+        ("accept_probabilistic_last", "acc prob", 9, ".3f"), ("coef_mean", "mean lambda", 12, ".3g"),
         ("seconds", "time s", 8, ".1f"),
     ]
     header = f"{'regime':<26}" + "".join(f"{title:>{width}}" for _, title, width, _ in columns)
@@ -475,6 +539,9 @@ LINE_STYLES = {
     "joint": ("tab:green", (0, (3, 2, 1, 2)), "^"),
     "rl": ("tab:red", (0, (1, 2)), "v"),
     "rl_occ": ("tab:purple", (0, (8, 2, 1, 2, 1, 2)), "D"),
+    "standalone_kl": ("tab:brown", (0, (4, 1, 4, 4)), "P"),
+    "standalone_tv": ("tab:olive", (0, (2, 1)), "X"),
+    "decoupled_occ_tv": ("tab:cyan", (0, (10, 3)), "*"),
 }
 
 
@@ -483,7 +550,7 @@ def _line_style(name: str, index: int, points: int) -> dict:
     every = max(1, points // 8)
     return {
         "color": color, "linestyle": dashes, "marker": marker, "markersize": 5, "fillstyle": "none",
-        "linewidth": 3.2 - 0.45 * index, "zorder": 2 + index,
+        "linewidth": 3.6 - 2.8 * index / (len(LINE_STYLES) - 1), "zorder": 2 + index,
         # markers of different regimes on different steps, so coinciding lines each show theirs
         "markevery": (min(index * max(1, every // len(LINE_STYLES)), points - 1), every),
     }
@@ -498,7 +565,7 @@ def write_figure(results: dict, path: str) -> None:
 
 
 def build_figure(results: dict):
-    """The demo's 2x2 figure (a matplotlib Figure; the caller saves and closes it)."""
+    """The demo's 3x2 figure (a matplotlib Figure; the caller saves and closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -506,11 +573,13 @@ def build_figure(results: dict):
 
     panels = [  # (metric, title, y label)
         ("reward", "reward on the step's rollouts", "reward (fraction of digits right)"),
+        ("draft_agreement", "draft agreement (depth-1 argmax = sampled token)", "agreement (fraction of tokens)"),
+        ("accept_greedy", "acceptance, greedy drafts: p(argmax q)", "acceptance probability"),
+        ("accept_probabilistic", "acceptance, probabilistic drafts: sum min(p, q)", "acceptance probability"),
         ("mtp_ce", "MTP head cross-entropy on the rollouts", "cross-entropy (nats/token)"),
         ("coef", "MTP coefficient lambda", "lambda"),
-        ("draft_agreement", "draft agreement (depth-1 argmax = sampled token)", "agreement (fraction of tokens)"),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig, axes = plt.subplots(3, 2, figsize=(11, 10.5))
     for ax, (key, title, ylabel) in zip(axes.flat, panels):
         for index, (name, result) in enumerate(results.items()):
             values = [math.nan if s[key] is None else s[key] for s in result.steps]
@@ -521,7 +590,10 @@ def build_figure(results: dict):
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle("verl-mtp demo: MTP regimes on a toy verifiable-reward task (CPU)", fontsize=11)
+    fig.suptitle(
+        "verl-mtp demo: MTP regimes on a toy verifiable-reward task (CPU); acceptance at the rollout "
+        "temperature on the step's rollouts", fontsize=11,
+    )
     fig.tight_layout()
     return fig
 
