@@ -458,6 +458,15 @@ def test_cli_table_json_plot_and_text_input(tmp_path, checkpoints, capsys):
     # K = 2: 2 drafts accepted, 3 tokens per verify step
     assert any(line.split()[:4] == ["2", "2.000", "/", "3.000"] for line in lines), out
     assert "T=0.7 min(p,q)" in out and "T=0.7 p(argmax q)" in out
+    # acceptance by context length, default buckets: every drafted token (index 5..23) in [0, 256)
+    assert any(line.split()[:6] == ["[0,", "256)", "1", "57", "3", "1.000"] for line in lines), out
+    assert "no drafted tokens at context >= 256 (10 empty buckets not shown)" in out
+    code, out, err = run_cli(capsys, checkpoints["matched"], ids, "-k", "2", "--context-buckets", "0,8,16")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.lstrip().startswith("[")]
+    # position 1 drafts indices 5..23 of each of the 3 samples: 3 in [0, 8), 8 in [8, 16), 8 from 16
+    assert [r[:5] for r in rows if r[2] == "1"] == [["[0,", "8)", "1", "9", "3"], ["[8,", "16)", "1", "24", "3"],
+                                                    ["[16,", "inf)", "1", "24", "3"]], out
 
     plot = tmp_path / "acc.png"
     code, out, err = run_cli(capsys, checkpoints["matched"], ids, "-k", "2", "--json", "--plot", str(plot))
@@ -466,6 +475,10 @@ def test_cli_table_json_plot_and_text_input(tmp_path, checkpoints, capsys):
     assert report["family"] == "mimo" and report["num_speculative_tokens"] == 2 and report["temperatures"] == [1.0]
     assert report["greedy"]["expected_accepted"] == [1.0, 2.0]
     assert report["sampled"]["1"]["positions"][1]["conditional"] == pytest.approx(1.0, abs=1e-4)
+    first = report["by_context"]["buckets"][0]
+    assert (first["start"], first["end"], first["tokens"], first["sequences"]) == (0, 256, [57, 54], [3, 3])
+    assert first["greedy"][1] == {"mean": 1.0, "stderr": 0.0, "stderr_iid": 0.0, "stderr_clustered": 0.0}
+    assert report["by_context"]["buckets"][1]["tokens"] == [0, 0] and report["by_context"]["buckets"][1]["greedy"][0]["mean"] is None
     pytest.importorskip("matplotlib")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -500,6 +513,8 @@ def test_cli_bad_inputs_exit_2(tmp_path, checkpoints, capsys):
         ((checkpoints["matched"], no_response), "noresp.jsonl:2: no response"),
         ((checkpoints["random"], text), "has no tokenizer"),  # written without one
         ((checkpoints["matched"], good, "--dtype", "int8"), "--dtype must be one of"),
+        ((checkpoints["matched"], good, "--context-buckets", "0,1k,512"), "--context-buckets '0,1k,512': 512 follows 1024"),
+        ((checkpoints["matched"], good, "--context-buckets", "0,4x"), "'4x' is not a token count"),
         ((checkpoints["matched"], out_of_vocab), f"line 1: token id {V} is outside"),
         ((checkpoints["matched"], good, "--plot", str(tmp_path / "no" / "such" / "dir.png")), "does not exist"),
     ]
