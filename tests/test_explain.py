@@ -145,3 +145,33 @@ def test_non_megatron_strategy_fails():
     proc = explain("--config-name", "ppo_trainer", "actor_rollout_ref.model.mtp.enable=True")
     assert proc.returncode == 2
     assert "needs the Megatron engine" in proc.stderr and "strategy='fsdp'" in proc.stderr
+
+
+def test_decoupled_plan_prints_which_term_reaches_which_parameters(make_checkpoint):
+    path = make_checkpoint(depths=1)
+    common = [f"actor_rollout_ref.model.path={path}", "actor_rollout_ref.model.mtp.mtp_loss_type=rl",
+              "actor_rollout_ref.model.mtp.mtp_coef_mode=occ", "actor_rollout_ref.model.mtp.enable_rollout=True",
+              "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.temperature=1.0"]
+    proc = explain(*common, "actor_rollout_ref.model.mtp.mtp_training_mode=decoupled",
+                   "actor_rollout_ref.model.mtp.mtp_drafter_loss=tv")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "regime            decoupled (enable_train=True, detach_encoder=False)" in out
+    assert "MTP module: tv: total variation to the main head's distribution" in out
+    assert "policy-loss term -> trunk, embedding, lm_head only; drafter loss -> MTP module only" in out
+    assert "mtp_drafter_loss=tv trains the head's distribution q toward the policy's p" in out  # use probabilistic drafts
+    assert "one extra MTP-layer forward" in out
+    assert "moves the drafter away from the policy" not in out
+
+    joint = explain(*common, "actor_rollout_ref.model.mtp.mtp_training_mode=joint")
+    assert joint.returncode == 0, joint.stderr
+    assert "moves the drafter away from the policy" in joint.stdout  # the recipe advice: use decoupled
+
+    chosen = explain(*common, "actor_rollout_ref.model.mtp.mtp_training_mode=decoupled",
+                     "actor_rollout_ref.model.mtp.mtp_drafter_loss=kl",
+                     "actor_rollout_ref.model.mtp.draft_sample_method=probabilistic", "--json")
+    assert chosen.returncode == 0, chosen.stderr
+    plan = json.loads(chosen.stdout)
+    assert plan["gradient_split"] == {"policy-loss term": ["trunk", "embedding", "lm_head"], "drafter loss": ["mtp"]}
+    assert plan["drafter_loss"] == "kl"
+    assert not any("trains the head's distribution q" in n for n in plan["notes"])  # already probabilistic

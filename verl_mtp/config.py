@@ -35,7 +35,9 @@ from verl_mtp.models.families import DEPTH_KEYS, mtp_depths
 # verl's own class; after the plugin is active, verl.workers.config.MtpConfig names the subclass below.
 from verl.workers.config.model import MtpConfig as VerlMtpConfig
 
-TRAINING_MODES = ("disabled", "standalone", "joint")
+# decoupled: the shared parameters (trunk, embedding, lm_head) get only the policy-loss MTP term
+# (mtp_loss_type=rl, with its lambda), the MTP module's own parameters only the drafter loss.
+TRAINING_MODES = ("disabled", "standalone", "joint", "decoupled")
 LOSS_TYPES = ("ce", "rl")
 COEF_MODES = ("fixed", "occ")
 DRAFTER_LOSSES = ("ce", "kl", "tv")
@@ -109,17 +111,22 @@ class ExtendedMtpConfig(VerlMtpConfig):
     """verl's ``MtpConfig`` plus the verl-mtp knobs. Defaults reproduce stock verl behaviour.
 
     Training regime (one knob, ROLL's names):
-        mtp_training_mode: ``disabled`` | ``standalone`` | ``joint``; ``None`` derives it from
-            verl's ``enable_train`` / ``detach_encoder``. When set, it drives those switches (and
-            implies ``enable=True`` for standalone/joint); a switch set against it is an error.
+        mtp_training_mode: ``disabled`` | ``standalone`` | ``joint`` | ``decoupled``; ``None``
+            derives it from verl's ``enable_train`` / ``detach_encoder``. When set, it drives those
+            switches (and implies ``enable=True`` for the training modes); a switch set against it is
+            an error. ``decoupled`` (``mtp_loss_type=rl`` only) splits the gradient by parameter
+            group: the shared parameters (trunk, embedding, lm_head) receive only the policy-loss
+            MTP term with its lambda (fixed or OCC), the MTP module's own parameters only the
+            drafter loss (``mtp_drafter_loss``, scaled by ``mtp_loss_scaling_factor``), exactly as
+            the standalone regime trains them.
     Loss:
         mtp_loss_type: ``ce`` (cross-entropy, verl's behaviour) or ``rl`` (the actor's policy loss
             applied to the MTP head's log-probs; arXiv 2605.28184's field name).
-        mtp_drafter_loss: the drafting objective of ``ce``'s MTP term: ``ce`` (cross-entropy on the
-            sampled token), ``kl`` (forward KL to the main head's distribution at the position the
-            depth predicts, at the rollout temperature; soft cross-entropy's gradient) or ``tv``
-            (total variation to it: one minus probabilistic drafting's acceptance). The main head
-            is detached. kl / tv run in the standalone regime with ``mtp_loss_type=ce``.
+        mtp_drafter_loss: the MTP head's drafting objective (standalone ``ce`` or decoupled):
+            ``ce`` (cross-entropy on the sampled token), ``kl`` (forward KL to the main head's
+            distribution at the position the depth predicts, at the rollout temperature; soft
+            cross-entropy's gradient) or ``tv`` (total variation to it: one minus probabilistic
+            drafting's acceptance). The main head is detached.
         mtp_coef_mode: ``fixed`` (``mtp_loss_scaling_factor``) or ``occ`` (Optimal Coefficient
             Calibration, ``rl`` only).
         occ_scale: OCC's lambda_plus. occ_eps: OCC's denominator epsilon.
@@ -240,7 +247,7 @@ class ExtendedMtpConfig(VerlMtpConfig):
                     "drop enable_train or choose mtp_training_mode=standalone|joint"
                 )
             return
-        if mode == "joint" and self.detach_encoder:
+        if mode in ("joint", "decoupled") and self.detach_encoder:
             raise _error(
                 "mtp_training_mode", mode, "it conflicts with detach_encoder=True; "
                 "drop detach_encoder or choose mtp_training_mode=standalone"
@@ -253,11 +260,18 @@ class ExtendedMtpConfig(VerlMtpConfig):
         _check_choice("mtp_loss_type", self.mtp_loss_type, LOSS_TYPES)
         _check_choice("mtp_coef_mode", self.mtp_coef_mode, COEF_MODES)
         _check_choice("mtp_drafter_loss", self.mtp_drafter_loss, DRAFTER_LOSSES)
-        if self.mtp_drafter_loss != "ce" and (self.mtp_loss_type != "ce" or self.mtp_training_mode != "standalone"):
+        if self.mtp_training_mode == "decoupled" and self.mtp_loss_type != "rl":
             raise _error(
-                "mtp_drafter_loss", self.mtp_drafter_loss, "kl and tv train the MTP head alone toward the main "
-                f"head: set mtp_training_mode=standalone and mtp_loss_type=ce (got mtp_training_mode="
-                f"{self.mtp_training_mode!r}, mtp_loss_type={self.mtp_loss_type!r}) or use mtp_drafter_loss=ce"
+                "mtp_training_mode", "decoupled", "it splits the policy-loss MTP term (shared parameters) from "
+                f"the drafter loss (MTP module): set mtp_loss_type=rl (got {self.mtp_loss_type!r}), or use "
+                "mtp_training_mode=standalone for a drafter-only head"
+            )
+        if self.mtp_drafter_loss != "ce" and not self.trains_drafter_loss:
+            raise _error(
+                "mtp_drafter_loss", self.mtp_drafter_loss, "kl and tv train the MTP module toward the main "
+                "head: set mtp_training_mode=standalone with mtp_loss_type=ce, or mtp_training_mode=decoupled "
+                f"with mtp_loss_type=rl (got mtp_training_mode={self.mtp_training_mode!r}, "
+                f"mtp_loss_type={self.mtp_loss_type!r}), or use mtp_drafter_loss=ce"
             )
         _check_choice("occ_on_policy_coef", self.occ_on_policy_coef, OCC_ON_POLICY_COEFS)
         _check_choice("occ_scope", self.occ_scope, OCC_SCOPES)
@@ -321,6 +335,16 @@ class ExtendedMtpConfig(VerlMtpConfig):
     @property
     def is_training(self) -> bool:
         return self.mtp_training_mode != "disabled"
+
+    @property
+    def is_decoupled(self) -> bool:
+        """The policy-loss term trains the shared parameters, the drafter loss the MTP module."""
+        return self.enable_train and self.mtp_training_mode == "decoupled"
+
+    @property
+    def trains_drafter_loss(self) -> bool:
+        """The MTP module trains on ``mtp_drafter_loss`` (standalone ce, or decoupled)."""
+        return (self.mtp_training_mode == "standalone" and self.mtp_loss_type == "ce") or self.is_decoupled
 
     @property
     def uses_rl_loss(self) -> bool:

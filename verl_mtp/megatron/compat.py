@@ -44,6 +44,14 @@ GRADIENT_REACH = {
     "disabled": (),
     "standalone": ("mtp",),
     "joint": ("mtp", "trunk", "embedding", "lm_head"),
+    "decoupled": ("mtp", "trunk", "embedding", "lm_head"),
+}
+
+# decoupled: which MTP term reaches which groups (verl_mtp.megatron.decoupled; measured by
+# tests/test_decoupled.py against the joint-rl and standalone runs).
+DECOUPLED_SPLIT = {
+    "policy-loss term": ("trunk", "embedding", "lm_head"),
+    "drafter loss": ("mtp",),
 }
 
 
@@ -83,4 +91,6 @@ def expected_gradient_reach(regime: str, api: str | None = None, stock_verl: boo
     api = api or mtp_api()
     if api is None:
         return None
-    return STOCK_VERL_GRADIENT_REACH[api][regime] if stock_verl else GRADIENT_REACH[regime]
+    if stock_verl:  # verl has no decoupled regime: the same switches (detach_encoder=False) mean joint
+        return STOCK_VERL_GRADIENT_REACH[api]["joint" if regime == "decoupled" else regime]
+    return GRADIENT_REACH[regime]

@@ -54,6 +54,7 @@ class MtpForwardPlan:
     ce_depth_scales: tuple = ()  # ce: depth k's loss scale, lambda * beta**(k-1) / K
     chunk_tokens: int = 0  # tokens per vocabulary-sized logits chunk of a depth; 0 = unchunked
     drafter_loss: str = "ce"  # ce: cross-entropy on the sampled token; kl | tv: to the main head
+    decoupled: bool = False  # rl term into the shared parameters only, drafter loss into the MTP module only
 
     @classmethod
     def for_model(cls, mtp, model_config) -> "MtpForwardPlan":
@@ -69,12 +70,23 @@ class MtpForwardPlan:
             ce_depth_scales=tuple(scale * w for w in mtp.step_weights(depths)),
             chunk_tokens=mtp.mtp_logits_chunk_tokens,
             drafter_loss=getattr(mtp, "mtp_drafter_loss", "ce"),
+            decoupled=mtp.mtp_training_mode == "decoupled",
         )
+
+    @property
+    def trains_drafter_loss(self) -> bool:
+        """The MTP module's own loss (ce / kl / tv) is attached: standalone or joint ce, or decoupled."""
+        return self.loss_type == "ce" or self.decoupled
 
     @property
     def drafts_against_main_head(self) -> bool:
         """kl / tv: the loss needs the rollout temperature, so the logits processor attaches it."""
-        return self.loss_type == "ce" and self.drafter_loss != "ce"
+        return self.trains_drafter_loss and self.drafter_loss != "ce"
+
+    @property
+    def drafter_detach_output_layer(self) -> bool:
+        """Decoupled: the lm_head is shared, so the drafter loss must not train it."""
+        return self.detach_output_layer or self.decoupled
 
 
 @dataclass
@@ -175,15 +187,16 @@ def _main_logits_only(self, kw):
     return _main_logits(self, kw["hidden_states"], _output_weight(self), kw)
 
 
-def _run_mtp_block(model, kw):
-    """The MTP block over the trunk's hidden states: [main; depth 1; ...; depth K] along the sequence."""
+def _run_mtp_block(model, kw, hidden_states=None):
+    """The MTP block over the trunk's hidden states (``kw``'s, or ``hidden_states``): [main; depth 1;
+    ...; depth K] along the sequence."""
     block_kwargs = dict(kw.get("extra_block_kwargs") or {})
     if "padding_mask" in model._verl_mtp_block_params:
         block_kwargs["padding_mask"] = kw.get("padding_mask")
     return model.mtp(
         input_ids=kw["input_ids"],
         position_ids=kw["position_ids"],
-        hidden_states=kw["hidden_states"],
+        hidden_states=kw["hidden_states"] if hidden_states is None else hidden_states,
         attention_mask=kw.get("attention_mask"),
         inference_params=kw.get("inference_params"),
         rotary_pos_emb=kw.get("rotary_pos_emb"),
@@ -207,11 +220,13 @@ def _loss_scales(model, plan: MtpForwardPlan, packed_seq_params):
     return per_token, scales, model._scale_logits if use_mup else None
 
 
-def _drafter_stash(model, plan: MtpForwardPlan, main_hidden, kw):
-    """kl / tv: the main head's hidden states and the loss's settings, for the logits processor."""
+def _drafter_stash(model, plan: MtpForwardPlan, main_hidden, drafter_chunks, kw):
+    """kl / tv: the main head's hidden states, the depths' hidden states the drafter loss trains and
+    the loss's settings, for the logits processor."""
     per_token, scales, scale_logits_fn = _loss_scales(model, plan, kw.get("packed_seq_params"))
-    return dict(main_hidden=main_hidden, loss_mask=kw.get("loss_mask"), depth_scales=scales,
-                per_token_loss=per_token, scale_logits_fn=scale_logits_fn, record=_record_ce_loss(model))
+    return dict(main_hidden=main_hidden, student_chunks=drafter_chunks, loss_mask=kw.get("loss_mask"),
+                depth_scales=scales, per_token_loss=per_token, scale_logits_fn=scale_logits_fn,
+                record=_record_ce_loss(model))
 
 
 def _attach_drafter_losses(pending: "_PendingMtp", plan: MtpForwardPlan, result: dict, temperature):
@@ -227,11 +242,11 @@ def _attach_drafter_losses(pending: "_PendingMtp", plan: MtpForwardPlan, result:
             "which this forward does not compute (distillation_only); use mtp_drafter_loss=ce"
         )
     carrier, agree, valid = add_mtp_drafter_losses(
-        result["log_probs"], pending.drafter["main_hidden"], pending.hidden_chunks, pending.labels,
+        result["log_probs"], pending.drafter["main_hidden"], pending.drafter["student_chunks"], pending.labels,
         pending.drafter["loss_mask"], plan.drafter_loss, temperature,
         output_layer=pending.model.output_layer, output_weight=pending.output_weight,
         depth_scales=pending.drafter["depth_scales"], per_token_loss=pending.drafter["per_token_loss"],
-        record=pending.drafter["record"], detach_output_layer=plan.detach_output_layer,
+        record=pending.drafter["record"], detach_output_layer=plan.drafter_detach_output_layer,
         scale_logits_fn=pending.drafter["scale_logits_fn"], cp_group=pending.cp_group,
         packed_seq_params=pending.packed_seq_params, runtime_gather_output=pending.runtime_gather_output,
         chunk_tokens=plan.chunk_tokens,
@@ -258,7 +273,7 @@ def _attach_ce_losses(model, plan: MtpForwardPlan, chunks, kw, output_weight, cp
         depth_scales=scales,
         per_token_loss=per_token,
         record=_record_ce_loss(model),
-        detach_output_layer=plan.detach_output_layer,
+        detach_output_layer=plan.drafter_detach_output_layer,
         scale_logits_fn=scale_logits_fn,
         cp_group=cp_group,
         packed_seq_params=packed_seq_params,
@@ -275,24 +290,34 @@ def mtp_postprocess(self, **kw):
         return self._verl_mtp_stock_postprocess(**kw)
     if not _mtp_wanted():
         return _main_logits_only(self, kw)
-    hidden_states = _run_mtp_block(self, kw)
+    plan = forward_plan(self)
+    if plan.decoupled:
+        from verl_mtp.megatron.decoupled import run_decoupled_mtp_blocks
+
+        hidden_states, drafter_states = run_decoupled_mtp_blocks(
+            self, kw["hidden_states"], lambda hidden: _run_mtp_block(self, kw, hidden))
+    else:
+        hidden_states = drafter_states = _run_mtp_block(self, kw)
     if not self.post_process:
         return hidden_states
-    plan = forward_plan(self)
     packed_seq_params = kw.get("packed_seq_params")
     cp_group = _cp_group(self, packed_seq_params)
-    chunks = torch.chunk(hidden_states, 1 + self.config.mtp_num_layers, dim=0)
+    depths = self.config.mtp_num_layers
+    chunks = torch.chunk(hidden_states, 1 + depths, dim=0)
+    # the depths' hidden states the drafter loss trains (decoupled: from the MTP module's own pass)
+    drafter_chunks = chunks[1:] if drafter_states is hidden_states else torch.chunk(drafter_states, 1 + depths, dim=0)[1:]
     output_weight = _output_weight(self)
     main_hidden, agree, valid, drafter = chunks[0], None, None, None
     if plan.drafts_against_main_head:
-        drafter = _drafter_stash(self, plan, main_hidden, kw)
-    elif plan.loss_type == "ce":
-        main_hidden, agree, valid = _attach_ce_losses(self, plan, chunks, kw, output_weight, cp_group)
+        drafter = _drafter_stash(self, plan, main_hidden, drafter_chunks, kw)
+    elif plan.trains_drafter_loss:
+        main_hidden, agree, valid = _attach_ce_losses(
+            self, plan, (main_hidden, *drafter_chunks), kw, output_weight, cp_group)
     logits = _main_logits(self, main_hidden, output_weight, kw)
     _put(
         _PendingMtp(
             model=self,
-            hidden_chunks=chunks[1:] if plan.loss_type == "rl" or drafter is not None else (),
+            hidden_chunks=chunks[1:] if plan.loss_type == "rl" else (),
             labels=labels,
             output_weight=output_weight,
             packed_seq_params=packed_seq_params,
@@ -312,6 +337,10 @@ def install_mtp_postprocess(model, plan: MtpForwardPlan) -> None:
     if getattr(model, "_verl_mtp_stock_postprocess", None) is None:
         model._verl_mtp_stock_postprocess = model._postprocess
         model._verl_mtp_block_params = frozenset(inspect.signature(model.mtp.forward).parameters)
+    if plan.decoupled:
+        from verl_mtp.megatron.decoupled import check_decoupled_model
+
+        check_decoupled_model(model)
     model._verl_mtp_plan = plan
     model._postprocess = types.MethodType(mtp_postprocess, model)
 

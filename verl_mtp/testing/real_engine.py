@@ -341,6 +341,7 @@ class RealEngine:
         pipeline_parallel: int = 1,
         temperature: float = 1.0,
         seed: int = 42,
+        transformer_overrides: dict | None = None,
         **actor,
     ) -> "RealEngine":
         """The actor's engine as ``ActorRolloutRefWorker.init_model`` builds it (bf16, vanilla
@@ -362,7 +363,7 @@ class RealEngine:
             vanilla_mbridge=True,
             pipeline_model_parallel_size=pipeline_parallel,
             use_distributed_optimizer=True,
-            override_transformer_config=dict(ENGINE_TRANSFORMER_OVERRIDES),
+            override_transformer_config={**ENGINE_TRANSFORMER_OVERRIDES, **(transformer_overrides or {})},
             seed=seed,
         )
         actor_config = McoreActorConfig(

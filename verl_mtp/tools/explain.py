@@ -38,6 +38,9 @@ class MtpPlan:
     gradient_reach: Optional[list[str]]
     rollout_engine: Optional[str]
     speculative_args: dict[str, Any]
+    # decoupled: MTP term -> the parameter groups it alone reaches
+    gradient_split: Optional[dict[str, list[str]]] = None
+    drafter_loss: Optional[str] = None  # the MTP module's own loss (standalone ce, decoupled)
     # The engine version the speculative arguments were checked against, and where it came from.
     speculative_built_for: Optional[str] = None
     # How the drafter picks draft tokens and the acceptance probability that implies.
@@ -102,7 +105,7 @@ def _coef_summary(mtp: ExtendedMtpConfig) -> dict[str, Any]:
 def build_plan(config) -> MtpPlan:
     """Validate ``config`` (raises MtpConfigError) and resolve what the run will do with MTP."""
     from verl_mtp.run_checks import resolve_run_depths, validate_mtp_run_config
-    from verl_mtp.megatron.compat import expected_gradient_reach, megatron_core_version, mtp_api
+    from verl_mtp.megatron.compat import DECOUPLED_SPLIT, expected_gradient_reach, megatron_core_version, mtp_api
     from verl_mtp.rollout.spec_args import plan_speculative_rollout
 
     mtp = validate_mtp_run_config(config)
@@ -141,6 +144,8 @@ def build_plan(config) -> MtpPlan:
             "away from the policy at Adam's full step size; occ_coef_min=0 prevents it"
         )
 
+    notes += _drafter_notes(config, mtp)
+
     policy_loss_mode = None
     if mtp.uses_rl_loss:
         policy_loss_mode = str(config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla"))
@@ -164,6 +169,8 @@ def build_plan(config) -> MtpPlan:
         megatron_core=megatron_core_version(),
         mtp_api=api,
         gradient_reach=list(reach) if reach is not None else None,
+        gradient_split={term: list(groups) for term, groups in DECOUPLED_SPLIT.items()} if mtp.is_decoupled else None,
+        drafter_loss=mtp.mtp_drafter_loss if mtp.trains_drafter_loss else None,
         rollout_engine=engine,
         speculative_args=spec.args if spec is not None else {},
         speculative_built_for=spec.built_for if spec is not None else None,
@@ -172,20 +179,69 @@ def build_plan(config) -> MtpPlan:
     )
 
 
+DRAFTER_LOSS_LABELS = {
+    "ce": "ce: cross-entropy on the sampled token (megatron's MTP loss)",
+    "kl": "kl: forward KL to the main head's distribution at the rollout temperature",
+    "tv": "tv: total variation to the main head's distribution at the rollout temperature (1 - acceptance of probabilistic drafts)",
+}
+
+
+def _drafter_notes(config, mtp: ExtendedMtpConfig) -> list[str]:
+    """Advice on pairing the MTP head's training with speculative rollout."""
+    from verl_mtp.config_base import select
+
+    notes = []
+    temperature = select(config, "actor_rollout_ref.rollout.temperature", None)
+    sampling = temperature is None or temperature > 0
+    if mtp.trains_drafter_loss and mtp.mtp_drafter_loss != "ce" and mtp.speculative_rollout and sampling \
+            and mtp.draft_sample_method != "probabilistic":
+        notes.append(
+            f"mtp_drafter_loss={mtp.mtp_drafter_loss} trains the head's distribution q toward the policy's p at the "
+            f"rollout temperature, which drives sum min(p, q) = 1 - TV(p, q), the acceptance of drafts sampled from q, "
+            f"to 1; greedy drafts are accepted with p(argmax q) <= max p: set mtp.draft_sample_method=probabilistic "
+            f"(vLLM; SGLang has no such setting, it drafts greedily)"
+        )
+    if mtp.is_decoupled:
+        notes.append(
+            "decoupled: the MTP block runs twice per micro-batch (policy pass with the MTP module frozen, drafter "
+            "pass with its inputs detached): one extra MTP-layer forward and its activations, no extra backward work"
+        )
+    if mtp.uses_rl_loss and mtp.mtp_training_mode == "joint" and mtp.speculative_rollout:
+        notes.append(
+            "joint rl with speculative rollout: the policy-loss term also trains the MTP module, with lambda "
+            "(OCC's can reach 0 or go negative) and Adam's full step size, which moves the drafter away from the "
+            "policy it drafts for; mtp_training_mode=decoupled keeps lambda on the shared parameters and trains "
+            "the MTP module with mtp_drafter_loss"
+        )
+    return notes
+
+
+def _loss_line(plan: MtpPlan) -> str:
+    if plan.loss_type == "ce":
+        return DRAFTER_LOSS_LABELS[plan.drafter_loss or "ce"]
+    policy = f"rl: the actor's policy loss (loss_mode={plan.policy_loss_mode}) on the MTP head's log-probs"
+    if plan.gradient_split:
+        return f"{policy}; MTP module: {DRAFTER_LOSS_LABELS[plan.drafter_loss]}"
+    return policy
+
+
+def _reach_line(plan: MtpPlan) -> str:
+    if plan.gradient_reach is None:
+        return "unknown (megatron-core not installed)"
+    if not plan.gradient_reach:
+        return "nothing (the head is loaded and saved, not trained)"
+    if plan.gradient_split:  # decoupled
+        return "; ".join(f"{term} -> {', '.join(GROUP_LABELS[g] for g in groups)} only"
+                         for term, groups in plan.gradient_split.items())
+    return ", ".join(GROUP_LABELS[g] for g in plan.gradient_reach)
+
+
 def render_plan(plan: MtpPlan) -> str:
     if not plan.enabled:
         return "MTP: off (actor_rollout_ref.model.mtp.enable=False): verl runs exactly as without verl-mtp.\n"
-    if plan.loss_type == "ce":
-        loss = "ce: cross-entropy on the next-next token (megatron's MTP loss)"
-    else:
-        loss = f"rl: the actor's policy loss (loss_mode={plan.policy_loss_mode}) on the MTP head's log-probs"
+    loss = _loss_line(plan)
     coef = ", ".join(f"{k}={v}" for k, v in plan.coef.items())
-    if plan.gradient_reach is None:
-        reach = "unknown (megatron-core not installed)"
-    elif not plan.gradient_reach:
-        reach = "nothing (the head is loaded and saved, not trained)"
-    else:
-        reach = ", ".join(GROUP_LABELS[g] for g in plan.gradient_reach)
+    reach = _reach_line(plan)
     mcore = f"megatron-core {plan.megatron_core} ({plan.mtp_api} MTP API)" if plan.megatron_core else "no megatron-core"
     spec = json.dumps(plan.speculative_args) if plan.speculative_args else "off (mtp.enable_rollout=False)"
     # verl's rollout.name defaults to ??? (mandatory): explain runs fine without it, main_ppo does not.
