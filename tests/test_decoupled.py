@@ -132,3 +132,28 @@ def test_recomputing_modules_with_parameters_is_refused_at_engine_initialisation
     with pytest.raises(DecoupledSplitError, match=r"recompute_modules=\['core_attn', 'mlp'\].*\['mlp'\]"):
         gradients(checkpoint, transformer_overrides=dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]),
                   mtp_training_mode="decoupled", mtp_loss_type="rl")
+
+
+@pytest.mark.slow
+@pytest.mark.megatron
+@pytest.mark.parametrize("scope", ["micro_batch", "mini_batch"])
+def test_one_rl_step_with_occ_through_verls_worker(checkpoint, scope):
+    # The trainer's path: old log-probs from infer_batch, then train_mini_batch (two mini-batches,
+    # optimizer steps); OCC calibrates lambda for the shared parameters, the drafter loss is logged
+    # as megatron's MTP loss.
+    engine = real_engine.RealEngine.build(checkpoint, ExtendedMtpConfig(
+        mtp_training_mode="decoupled", mtp_loss_type="rl", mtp_coef_mode="occ", occ_scope=scope, mtp_drafter_loss="tv"))
+    try:
+        prompts, responses, advantages = real_engine.tiny_rollout()
+        result = real_engine.rl_step(engine, prompts, responses, advantages)
+    finally:
+        engine.close()
+    metrics = result.metrics
+    for k in range(1, DEPTHS + 1):
+        tv = [float(v) for v in metrics[f"mtp_losses/mtp_{k}_loss"]]
+        assert len(tv) == 2 and all(0.0 < v < 1.0 for v in tv)  # a total variation, per mini-batch
+        coef = [float(v) for v in metrics[f"actor/mtp_{k}/coef"]]
+        assert len(coef) == 4 and coef[2] != 0.0  # OCC's lambda off-policy (second mini-batch)
+        assert [float(v) for v in metrics[f"actor/mtp_{k}/occ_on_policy"]] == [1.0, 1.0, 0.0, 0.0]
+    groups = {param_group(n) for n in result.changed()}
+    assert groups == {"mtp", "trunk", "embedding", "lm_head"}, groups
