@@ -213,6 +213,21 @@ def test_chunked_equals_unchunked_forward_and_backward(kind, chunk_tokens):
     _assert_1e6_of_scale(got[2], ref[2])
 
 
+@pytest.mark.megatron
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpointed_chunks_compute_the_value_once(kind, monkeypatch):
+    """A chunk's recompute in backward stops at the gradient's node (torch's checkpoint early stop),
+    before the value: the value's vocabulary passes run once per chunk, not twice."""
+    from verl_mtp.megatron import drafter_losses
+
+    calls = []
+    value = drafter_losses._divergence_value
+    monkeypatch.setattr(drafter_losses, "_divergence_value", lambda *a: calls.append(a[0].shape) or value(*a))
+    model, hidden, teacher, temperature = _model_and_hidden(depths=2, seq_len=23, batch=3)
+    _chunked_run(model, hidden, teacher, kind, temperature, 7 * 3)  # chunks of 7 positions: 4 per depth
+    assert len(calls) == 2 * 4, calls
+
+
 # --- tensor parallelism: 2 gloo ranks, each a vocabulary slice ----------------------------------
 
 

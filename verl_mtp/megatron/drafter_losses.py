@@ -14,9 +14,11 @@ main head does at position t+k), both at the rollout temperature T: ``q = softma
 Logits are [s, b, V/tp]: each tensor-parallel rank holds one vocabulary slice. Global softmaxes
 combine the per-rank log-sum-exps; sums over the vocabulary are all-reduced over the group (only
 when one is given). Memory follows ``tempered_log_probs``: both logits are read a block of rows at a
-time into small fp32 scratch buffers, forward saves only the logits it was given and per-row
-vectors, and backward writes the student's gradient straight into a tensor of the logits' dtype,
-the only [tokens, V] tensor it makes.
+time into small fp32 scratch buffers, forward saves only the logits it was given, and backward
+writes the student's gradient straight into a tensor of the logits' dtype, the only [tokens, V]
+tensor it makes. Work: the value costs one exp per element of each logits tensor, and so does the
+gradient (each block's softmaxes rebuilt from its own rows); under chunk checkpointing the value
+is not recomputed (see ``_DrafterDivergenceGrad``).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _scratch(blocks, vocab, device, count):
 
 
 def _kl_forward(student, teacher, temperature, group):
-    """(KL per row, teacher lse, student lse) in one pass over the vocabulary.
+    """KL per row in one pass over the vocabulary.
 
     With a = t/T and b = z/T: KL = E_p[a − b] − lse(a) + lse(b). Each rank sums exp(a − its max)
     and exp(a − its max)(a − b) over its slice; the slices' E_p parts are then weighted by each
@@ -79,7 +81,7 @@ def _kl_forward(student, teacher, temperature, group):
     global_a = _global_lse(lse_a, group)
     global_b = _global_lse(lse_b, group)
     expected_gap = _all_reduce(mean_gap * torch.exp(lse_a - global_a), torch.distributed.ReduceOp.SUM, group)
-    return (expected_gap - global_a + global_b).float(), global_a.float(), global_b.float()
+    return (expected_gap - global_a + global_b).float()
 
 
 def _row_lse(x):
@@ -88,61 +90,53 @@ def _row_lse(x):
     return x.sub_(peak).exp_().sum(dim=-1).double().log_().add_(peak.squeeze(-1))
 
 
-def _lse_pair(student, teacher, temperature, group):
-    rows, vocab = student.shape
-    blocks = _row_blocks(rows, vocab, student.device)
-    (buf,) = _scratch(blocks, vocab, student.device, 1)
-    out = []
-    for logits in (teacher, student):
-        lse = torch.empty(rows, dtype=torch.float64, device=student.device)
-        for block in blocks:
-            lse[block] = _row_lse(_scaled(buf, logits, temperature, block))
-        out.append(_global_lse(lse, group).float())
-    return out
+def _block_probs(scratch, logits, temperature, block, group):
+    """softmax(logits[block] / T) over the whole vocabulary, in fp32 in ``scratch``: one exp per element.
+
+    A block holds whole rows of this rank's slice, so its maximum and mass are known in the block;
+    across ranks the block's log-sum-exps are combined by a collective per block (every rank walks
+    the same blocks) and each rank rescales its exp(x − its max).
+    """
+    x = _scaled(scratch, logits, temperature, block)
+    peak = x.amax(dim=-1, keepdim=True)
+    mass = x.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+    if group is None:
+        return x.div_(mass)
+    lse = _global_lse(mass.double().log_().add_(peak), group)
+    return x.mul_(torch.exp(peak.double() - lse).float())
 
 
-def _probs_pair(p_buf, q_buf, student, teacher, temperature, lse_p, lse_q, block):
-    p = _scaled(p_buf, teacher, temperature, block).sub_(lse_p[block].unsqueeze(-1)).exp_()
-    q = _scaled(q_buf, student, temperature, block).sub_(lse_q[block].unsqueeze(-1)).exp_()
-    return p, q
-
-
-def _tv_forward(student, teacher, temperature, group):
-    """(TV per row, teacher lse, student lse, Σ q g per row) — the last one for backward."""
-    lse_p, lse_q = _lse_pair(student, teacher, temperature, group)
+def _tv_value(student, teacher, temperature, group):
+    """½ Σ |p − q| per row: each block's p and q with one exp per element, then one row sum."""
     rows, vocab = student.shape
     blocks = _row_blocks(rows, 2 * vocab, student.device)
     p_buf, q_buf = _scratch(blocks, vocab, student.device, 2)
-    tv = torch.empty_like(lse_p)
-    q_dot_g = torch.empty_like(lse_p)
+    tv = torch.empty(rows, dtype=torch.float32, device=student.device)
     for block in blocks:
-        p, q = _probs_pair(p_buf, q_buf, student, teacher, temperature, lse_p, lse_q, block)
-        p.sub_(q).neg_()  # p := q − p
-        # row reductions without another [rows, V] temporary
-        tv[block] = torch.linalg.vector_norm(p, ord=1, dim=-1)
-        q_dot_g[block] = torch.linalg.vecdot(q, p.sign_())
-    tv = _all_reduce(tv, torch.distributed.ReduceOp.SUM, group).mul_(0.5)
-    q_dot_g = _all_reduce(q_dot_g, torch.distributed.ReduceOp.SUM, group).mul_(0.5)
-    return tv, lse_p, lse_q, q_dot_g
+        p = _block_probs(p_buf, teacher, temperature, block, group)
+        q = _block_probs(q_buf, student, temperature, block, group)
+        tv[block] = torch.linalg.vector_norm(p.sub_(q), ord=1, dim=-1)
+    return _all_reduce(tv, torch.distributed.ReduceOp.SUM, group).mul_(0.5)
 
 
-class _DrafterDivergence(torch.autograd.Function):
+class _DrafterDivergenceGrad(torch.autograd.Function):
+    """Zeros in forward, the divergence's gradient wrt the student in backward.
+
+    The value is added by the caller after this node (``drafter_divergence``): under activation
+    checkpointing a chunk's recompute stops once this node has saved its inputs (torch's early
+    stop), so the value's vocabulary passes run once per chunk instead of twice. Backward needs
+    no statistics from forward: each block's softmaxes come from its own rows.
+    """
+
     @staticmethod
     def forward(ctx, student, teacher, temperature, kind, group):
-        rows = student.reshape(-1, student.shape[-1])
-        teacher_rows = teacher.reshape(-1, teacher.shape[-1])
-        if kind == "kl":
-            value, lse_p, lse_q = _kl_forward(rows, teacher_rows, temperature, group)
-            extra = None  # TV only
-        else:
-            value, lse_p, lse_q, extra = _tv_forward(rows, teacher_rows, temperature, group)
-        ctx.kind = kind
-        ctx.save_for_backward(student, teacher, temperature, lse_p, lse_q, extra)
-        return value.view(student.shape[:-1])
+        ctx.kind, ctx.group = kind, group
+        ctx.save_for_backward(student, teacher, temperature)
+        return student.new_zeros(student.shape[:-1], dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
-        student, teacher, temperature, lse_p, lse_q, q_dot_g = ctx.saved_tensors
+        student, teacher, temperature = ctx.saved_tensors
         rows = student.reshape(-1, student.shape[-1])
         teacher_rows = teacher.reshape(-1, teacher.shape[-1])
         coef = grad.reshape(-1, 1).float()
@@ -152,14 +146,27 @@ class _DrafterDivergence(torch.autograd.Function):
         blocks = _row_blocks(rows.shape[0], 2 * rows.shape[1], rows.device)
         p_buf, q_buf = _scratch(blocks, rows.shape[1], rows.device, 2)
         for block in blocks:
-            p, q = _probs_pair(p_buf, q_buf, rows, teacher_rows, temperature, lse_p, lse_q, block)
+            p = _block_probs(p_buf, teacher_rows, temperature, block, ctx.group)
+            q = _block_probs(q_buf, rows, temperature, block, ctx.group)
             if ctx.kind == "kl":
                 out = q.sub_(p)  # (q − p)
             else:
                 g = p.sub_(q).neg_().sign_().mul_(0.5)  # g = ½ sign(q − p)
-                out = q.mul_(g.sub_(q_dot_g[block].unsqueeze(-1)))  # q (g − Σ q g)
+                q_dot_g = _all_reduce(torch.linalg.vecdot(q, g), torch.distributed.ReduceOp.SUM, ctx.group)
+                out = q.mul_(g.sub_(q_dot_g.unsqueeze(-1)))  # q (g − Σ q g)
             grad_rows[block].copy_(out.mul_(coef[block]))
         return grad_rows.view_as(student), None, None, None, None
+
+
+@torch.no_grad()
+def _divergence_value(student, teacher, temperature, kind, group):
+    rows = student.reshape(-1, student.shape[-1])
+    teacher_rows = teacher.reshape(-1, teacher.shape[-1])
+    if kind == "kl":
+        value = _kl_forward(rows, teacher_rows, temperature, group)
+    else:
+        value = _tv_value(rows, teacher_rows, temperature, group)
+    return value.view(student.shape[:-1])
 
 
 def drafter_divergence(
@@ -185,9 +192,12 @@ def drafter_divergence(
     if temperature is not None:
         temperature = torch.as_tensor(temperature, device=student_logits.device, dtype=torch.float32)
         temperature = temperature.expand(student_logits.shape[:-1]).reshape(-1, 1).contiguous()
-    return _DrafterDivergence.apply(
-        student_logits.contiguous(), teacher_logits.detach().contiguous(), temperature, kind, tp_group
-    )
+    student, teacher = student_logits.contiguous(), teacher_logits.detach().contiguous()
+    if not (torch.is_grad_enabled() and student.requires_grad):
+        return _divergence_value(student, teacher, temperature, kind, tp_group)
+    # the gradient's node first, the value after it (see _DrafterDivergenceGrad)
+    carrier = _DrafterDivergenceGrad.apply(student, teacher, temperature, kind, tp_group)
+    return carrier + _divergence_value(student, teacher, temperature, kind, tp_group)
 
 
 def mtp_drafter_divergences(
