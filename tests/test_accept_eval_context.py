@@ -170,6 +170,9 @@ def test_acceptance_falling_with_context_shows_in_the_buckets():
     text = render_report(_report_of(totals, k))
     rows = {tuple(line.split()[:3]): line.split() for line in text.splitlines() if line.strip().startswith("[")}
     assert rows[("[2k,", "4k)", "1")][5] == f"{by_start[2048]['greedy'][0]['mean']:.3f}"
+    # only the 9000-token sequence reaches [2k, 4k): its error is the iid one, marked
+    assert rows[("[2k,", "4k)", "1")][4] == "1" and rows[("[2k,", "4k)", "1")][6].endswith("*")
+    assert "* one sequence in the bucket" in text and not rows[("[4k,", "8k)", "1")][6].endswith("*")
     assert rows[("[32k,", "64k)", "2")][5:7] == ["0.000", "+-0.000"]  # tokens there, all rejected
     assert "no drafted tokens at context >= 64k (2 empty buckets not shown)" in text
 
