@@ -18,9 +18,11 @@ import torch
 from verl_mtp.tools.demo import DemoOptions, run_demo
 
 pytestmark = pytest.mark.megatron
-REGIMES = ("none", "disabled", "standalone", "joint", "rl", "rl_occ", "standalone_kl", "standalone_tv")
+REGIMES = (
+    "none", "disabled", "standalone", "joint", "rl", "rl_occ", "standalone_kl", "standalone_tv", "decoupled_occ_tv",
+)
 HEAD_METRICS = ("mtp_ce", "draft_agreement", "accept_greedy", "accept_probabilistic")
-RL_TERM = ("rl", "rl_occ")  # regimes whose MTP term is the policy loss
+RL_TERM = ("rl", "rl_occ", "decoupled_occ_tv")  # regimes whose MTP term is the policy loss
 STEPS = 2
 
 
@@ -144,7 +146,7 @@ def test_disabled_and_standalone_leave_the_trunk_as_a_run_without_mtp(demo):
         assert trunk.keys() == reference.keys()
         assert all(torch.equal(trunk[k], reference[k]) for k in reference), regime
     # ...whereas joint CE and the rl regimes move the trunk (the MTP term reaches it).
-    for regime in ("joint", "rl", "rl_occ"):
+    for regime in ("joint", "rl", "rl_occ", "decoupled_occ_tv"):
         trunk = _trunk(results[regime].state)
         assert any(not torch.equal(trunk[k], reference[k]) for k in reference), regime
 
@@ -236,7 +238,7 @@ def test_acceptance_columns_equal_accept_evals_computation(demo):
 
 
 CLI = os.path.join(os.path.dirname(sys.executable), "verl-mtp")
-CHOICES = "valid choices are " + ", ".join(REGIMES + ("decoupled_occ_tv",))
+CHOICES = "valid choices are " + ", ".join(REGIMES)
 
 
 def _cli(*args, timeout=300):

@@ -54,7 +54,9 @@ REGIME_LABELS = {
     "decoupled_occ_tv": "decoupled rl+OCC, TV head",
 }
 REGIMES = tuple(REGIME_LABELS)
-DEFAULT_REGIMES = ("disabled", "standalone", "joint", "rl", "rl_occ", "standalone_kl", "standalone_tv")
+DEFAULT_REGIMES = (
+    "disabled", "standalone", "joint", "rl", "rl_occ", "standalone_kl", "standalone_tv", "decoupled_occ_tv",
+)
 
 
 class DemoOptionsError(VerlMtpError, ValueError):
