@@ -15,7 +15,7 @@
 #   NNODES, GPUS_PER_NODE, MODEL_PATH, TRAIN_FILES, VAL_FILES, CKPT_DIR, PROJECT, EXP_NAME
 #   ACTOR_TP/PP/CP/EP/ETP, OFFLOAD, ROLLOUT_TP/DP/EP, ROLLOUT_GPU_MEM   parallelism and memory
 #   MAX_PROMPT_LEN, MAX_RESPONSE_LEN, OVERLONG_BUFFER_LEN, TRAIN_BATCH_SIZE, MINI_BATCH_SIZE,
-#   N_RESP, LR, TOKENS_PER_GPU, LOGGER, PYTHON, OCC_SCALE (the *_rl_occ recipes)
+#   N_RESP, LR, TOKENS_PER_GPU, LOGGER, PYTHON, OCC_SCALE / MTP_REGIME / DRAFTER_LOSS (the *_rl_occ recipes)
 
 RECIPES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RECIPE_NAME="$(basename "$0")"
@@ -214,17 +214,37 @@ else
     COMMON_ARGS+=(actor_rollout_ref.model.mtp.enable_rollout=False)
 fi
 
-# --- the paper's MTP regime (arXiv 2605.28184), used by every *_rl_occ recipe ------------------
-# Joint training with the actor's policy loss on the MTP head and OCC's coefficient. OCC's other
-# settings stay at the paper's values (verl-mtp's defaults): eps 1e-8, no EMA, no clip (lambda may
-# go negative; add actor_rollout_ref.model.mtp.occ_coef_min=0 to forbid that).
+# --- the paper's MTP objective (arXiv 2605.28184), used by every *_rl_occ recipe ----------------
+# The actor's policy loss on the MTP head with OCC's coefficient. OCC's other settings stay at the
+# paper's values (verl-mtp's defaults): eps 1e-8, no EMA, no clip (lambda may go negative; add
+# actor_rollout_ref.model.mtp.occ_coef_min=0 to forbid that).
+#   MTP_REGIME=decoupled (default): OCC's lambda scales the term's gradient into the shared
+#     parameters only; the MTP module trains on DRAFTER_LOSS toward the policy it drafts for. In
+#     the paper's joint regime the same term also moves the MTP module, at Adam's full step size even
+#     when lambda is near 0 or negative, and its drafts fall away from the policy (draft agreement
+#     0.47 -> 0.34 on verl-mtp's demo while every cross-entropy regime reached 0.96).
+#   MTP_REGIME=joint: the paper's setting, without speculative rollout (SPEC=0) for that reason.
+#   DRAFTER_LOSS=tv | kl | ce: the MTP module's loss (decoupled). tv is one minus the acceptance of
+#     drafts sampled from the head, so vLLM rollouts draft that way (draft_sample_method=probabilistic);
+#     SGLang has no such setting and drafts greedily.
 : "${OCC_SCALE:=1.0}"   # OCC's lambda_plus; the paper uses 1
+: "${MTP_REGIME:=decoupled}" "${DRAFTER_LOSS:=tv}"
+check_choice MTP_REGIME decoupled joint
+check_choice DRAFTER_LOSS tv kl ce
 RL_OCC_ARGS=(
-    actor_rollout_ref.model.mtp.mtp_training_mode=joint
+    "actor_rollout_ref.model.mtp.mtp_training_mode=$MTP_REGIME"
     actor_rollout_ref.model.mtp.mtp_loss_type=rl
     actor_rollout_ref.model.mtp.mtp_coef_mode=occ
     "actor_rollout_ref.model.mtp.occ_scale=$OCC_SCALE"
 )
+if [[ "$MTP_REGIME" == decoupled ]]; then
+    RL_OCC_ARGS+=("actor_rollout_ref.model.mtp.mtp_drafter_loss=$DRAFTER_LOSS")
+    if [[ "$SPEC" == 1 && "$ROLLOUT" == vllm ]]; then
+        RL_OCC_ARGS+=(actor_rollout_ref.model.mtp.draft_sample_method=probabilistic)
+    fi
+elif [[ "$SPEC" == 1 ]]; then
+    recipe_fail "MTP_REGIME=joint with SPEC=1: the policy-loss term with OCC's lambda trains the MTP module away from the policy it drafts for; set SPEC=0 or MTP_REGIME=decoupled"
+fi
 
 # run_verl OVERRIDE... : launch verl's PPO trainer with verl-mtp's wrapper config, or (DRY_RUN)
 # compose and check exactly that config and print the MTP plan.

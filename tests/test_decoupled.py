@@ -119,6 +119,13 @@ def test_the_split_holds_when_megatron_recomputes_the_mtp_layers_in_backward(che
     monkeypatch.setattr(megatron_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.get_rng_state())
     monkeypatch.setattr(megatron_random, "_set_cuda_rng_state", lambda *args, **kwargs: None)
     mtp = dict(mtp_training_mode="decoupled", mtp_loss_type="rl", mtp_drafter_loss="kl")
+    from verl_mtp.megatron.compat import PROCESS_MTP_LOSS_API, mtp_api
+    from verl_mtp.megatron.decoupled import DecoupledSplitError
+
+    if mtp_api() == PROCESS_MTP_LOSS_API:  # megatron-core 0.18: refused at engine initialisation
+        with pytest.raises(DecoupledSplitError, match="recompute_granularity=full on this megatron-core"):
+            gradients(checkpoint, transformer_overrides=FULL_RECOMPUTE, **mtp)
+        return
     recomputed = gradients(checkpoint, transformer_overrides=FULL_RECOMPUTE, **mtp)
     standalone = gradients(checkpoint, transformer_overrides=FULL_RECOMPUTE, mtp_training_mode="standalone", mtp_drafter_loss="kl")
     _assert_same(_by_group(recomputed, False), _by_group(joint_rl, False), "shared parameters vs joint rl")

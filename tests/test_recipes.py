@@ -65,7 +65,8 @@ FAMILIES = {
 # What the regime in a recipe's file name means in verl-mtp's keys.
 REGIMES = {
     "standalone": {"regime": "standalone", "loss_type": "ce", "coef_mode": "fixed"},
-    "rl_occ": {"regime": "joint", "loss_type": "rl", "coef_mode": "occ"},
+    # decoupled by default: OCC's lambda on the shared parameters, a TV-trained drafter (MTP_REGIME, DRAFTER_LOSS)
+    "rl_occ": {"regime": "decoupled", "loss_type": "rl", "coef_mode": "occ", "drafter_loss": "tv"},
 }
 
 
@@ -164,7 +165,10 @@ def test_recipe_dry_run(recipe, engine, checkpoints, tmp_path):
     # SPEC=1 (the default): the MTP head drafts in the chosen engine
     assert plan["rollout_engine"] == engine
     if engine == "vllm":
-        assert plan["speculative_args"] == {"speculative_config": {"method": "mtp", "num_speculative_tokens": 1}}
+        spec = {"method": "mtp", "num_speculative_tokens": 1}
+        if expected["regime"] == "decoupled":  # a TV-trained head drafts by sampling from its distribution
+            spec["draft_sample_method"] = "probabilistic"
+        assert plan["speculative_args"] == {"speculative_config": spec}
     else:
         spec = plan["speculative_args"]
         assert spec["speculative_algorithm"] == "EAGLE"
@@ -190,6 +194,22 @@ def test_spec_off_and_arguments_override_the_recipe(checkpoints, tmp_path):
     plan = json.loads(proc.stdout)
     assert plan["speculative_args"] == {}
     assert plan["coef"]["lambda_plus"] == 0.5
+
+
+@pytest.mark.slow
+def test_the_papers_joint_regime_runs_without_speculation_only(checkpoints, tmp_path):
+    env = {"DRY_RUN": "json", "MODEL_PATH": checkpoints["mimo_"], "MTP_REGIME": "joint"}
+    refused = run_recipe("mimo_7b_rl_dapo_rl_occ.sh", tmp_path, env=env)
+    assert refused.returncode == 2
+    assert "MTP_REGIME=joint with SPEC=1" in refused.stderr and "set SPEC=0 or MTP_REGIME=decoupled" in refused.stderr
+    proc = run_recipe("mimo_7b_rl_dapo_rl_occ.sh", tmp_path, env={**env, "SPEC": "0"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    plan = json.loads(proc.stdout)
+    assert (plan["regime"], plan["loss_type"], plan["coef_mode"], plan["drafter_loss"]) == ("joint", "rl", "occ", None)
+    assert plan["speculative_args"] == {}
+    kl = run_recipe("mimo_7b_rl_dapo_rl_occ.sh", tmp_path, env={**env, "MTP_REGIME": "decoupled", "DRAFTER_LOSS": "kl"})
+    assert kl.returncode == 0, kl.stderr[-4000:]
+    assert json.loads(kl.stdout)["drafter_loss"] == "kl"
 
 
 @pytest.mark.slow
@@ -241,8 +261,10 @@ def test_layout_that_megatron_would_refuse_fails_the_dry_run(checkpoints, tmp_pa
         ({"NNODES": "two"}, "NNODES='two' is invalid: expected a positive integer"),
         ({"OFFLOAD": "yes"}, "OFFLOAD='yes' is invalid: valid choices are True, False"),
         ({"MAX_RESPONSE_LEN": "2048"}, "OVERLONG_BUFFER_LEN=4096 is invalid: expected less than MAX_RESPONSE_LEN=2048"),
+        ({"MTP_REGIME": "standalone"}, "MTP_REGIME='standalone' is invalid: valid choices are decoupled, joint"),
+        ({"DRAFTER_LOSS": "js"}, "DRAFTER_LOSS='js' is invalid: valid choices are tv, kl, ce"),
     ],
-    ids=["rollout", "spec", "dry-run", "nnodes", "offload", "overlong"],
+    ids=["rollout", "spec", "dry-run", "nnodes", "offload", "overlong", "mtp-regime", "drafter-loss"],
 )
 def test_bad_environment_is_refused_before_python_starts(env, message, tmp_path):
     proc = run_recipe("mimo_7b_rl_dapo_standalone.sh", tmp_path, env={"DRY_RUN": "1", **env})

@@ -62,3 +62,15 @@ def test_explain_reports_the_schedule_error_with_exit_2():
     )
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "has no signal with one actor update per step" in proc.stderr + proc.stdout
+
+
+def test_decoupled_refuses_recomputed_modules_with_parameters_at_config_time():
+    decoupled = "actor_rollout_ref.model.mtp.mtp_training_mode=decoupled"
+    key = "actor_rollout_ref.actor.megatron.override_transformer_config"
+    with pytest.raises(MtpConfigError, match=r"mtp_training_mode='decoupled' does not fit .*recompute_modules=\['core_attn', 'mlp'\]"):
+        validate(decoupled, f"{key}.recompute_granularity=selective", f"+{key}.recompute_modules=[core_attn,mlp]")
+    # full recompute (the recipes' setting) and parameter-free selective recompute are fine
+    assert validate(decoupled, f"{key}.recompute_granularity=full", f"{key}.recompute_method=uniform").is_decoupled
+    assert validate(decoupled, f"{key}.recompute_granularity=selective", f"+{key}.recompute_modules=[core_attn,moe_act]").is_decoupled
+    # joint has no split to break
+    assert validate(f"{key}.recompute_granularity=selective", f"+{key}.recompute_modules=[mlp]").mtp_training_mode == "joint"

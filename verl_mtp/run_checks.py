@@ -225,6 +225,19 @@ def check_occ_parallel_layout(config: Any, mtp: ExtendedMtpConfig) -> None:
         )
 
 
+def check_decoupled_recompute(config: Any, mtp: ExtendedMtpConfig) -> None:
+    """The decoupled split needs recomputed modules without parameters (engine init checks it too)."""
+    if not mtp.is_decoupled:
+        return
+    from verl_mtp.megatron.decoupled import recompute_leak
+
+    key = f"{ACTOR}.megatron.override_transformer_config"
+    leak = recompute_leak(select(config, f"{key}.recompute_granularity", None), select(config, f"{key}.recompute_modules", None))
+    if leak:
+        raise MtpConfigError(f"{MTP_KEY_PREFIX}.mtp_training_mode='decoupled' does not fit {key}: {leak}")
+
+
 def check_run(config: Any, mtp: ExtendedMtpConfig) -> None:
     check_occ_schedule(config, mtp)
     check_occ_parallel_layout(config, mtp)
+    check_decoupled_recompute(config, mtp)

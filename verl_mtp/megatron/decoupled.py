@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from verl_mtp.errors import VerlMtpError
+
+if TYPE_CHECKING:
+    import torch
 
 # Selective recompute of these modules holds no parameters: recomputing them in backward cannot
 # bring phi's gradient back into the policy pass. Any other recomputed module would.
@@ -45,18 +46,39 @@ class DecoupledSplitError(VerlMtpError, RuntimeError):
     """The decoupled regime cannot split the MTP gradients exactly on this model or configuration."""
 
 
+def recompute_leak(granularity, modules) -> str | None:
+    """Why megatron's recompute settings would break the split, or None (also for config-time checks)."""
+    if granularity != "selective":
+        return None  # none, or full: the frozen layer call covers full recompute
+    modules = sorted(set(modules or ("core_attn",)))  # megatron's default
+    with_parameters = sorted(set(modules) - _PARAMETER_FREE_RECOMPUTE)
+    if not with_parameters:
+        return None
+    return (
+        f"recompute_modules={modules} recomputes {with_parameters} in backward with the MTP module's "
+        "parameters live, which would leak the policy-loss gradient into the MTP module; recompute only "
+        f"{sorted(_PARAMETER_FREE_RECOMPUTE)} (or recompute_granularity=full) in a decoupled run"
+    )
+
+
 def check_decoupled_model(model) -> None:
     """Refuse, at engine initialisation, a model on which the split would not be exact."""
     config = model.config
-    if config.recompute_granularity == "selective":
-        modules = set(getattr(config, "recompute_modules", None) or ("core_attn",))
-        with_parameters = sorted(modules - _PARAMETER_FREE_RECOMPUTE)
-        if with_parameters:
+    leak = recompute_leak(config.recompute_granularity, getattr(config, "recompute_modules", None))
+    if leak:
+        raise DecoupledSplitError(f"mtp_training_mode=decoupled: {leak}")
+    if config.recompute_granularity == "full" and config.mtp_num_layers:
+        import inspect
+
+        checkpointed = getattr(model.mtp.layers[0], "_checkpointed_forward", None)
+        if checkpointed is None or "forward_func" not in inspect.signature(checkpointed).parameters:
+            # megatron-core 0.18 looks the layer function up again inside backward's recompute, after
+            # the policy pass's freeze has ended (its MTP full recompute also rejects padding_mask).
             raise DecoupledSplitError(
-                f"mtp_training_mode=decoupled: recompute_modules={sorted(modules)} recomputes "
-                f"{with_parameters} in backward with the MTP module's parameters live, which would leak "
-                "the policy-loss gradient into the MTP module; recompute only "
-                f"{sorted(_PARAMETER_FREE_RECOMPUTE)} (or recompute_granularity=full) in a decoupled run"
+                "mtp_training_mode=decoupled: recompute_granularity=full on this megatron-core recomputes the MTP "
+                "layers through a function the policy pass cannot keep frozen in backward (megatron-core 0.16's "
+                "passes it in; 0.18's looks it up again); use recompute_granularity=selective (core_attn) or "
+                "megatron-core 0.16 for a decoupled run with full recompute"
             )
     for layer in model.mtp.layers:
         for name in ("_proj_and_transformer_layer", "_get_embeddings"):
@@ -120,7 +142,7 @@ def _layer_methods_replaced(layers, name: str, wrap: Callable):
                 setattr(layer, name, before)
 
 
-def run_decoupled_mtp_blocks(model, trunk_hidden: torch.Tensor, run_block: Callable[[torch.Tensor], torch.Tensor]):
+def run_decoupled_mtp_blocks(model, trunk_hidden: "torch.Tensor", run_block: Callable[["torch.Tensor"], "torch.Tensor"]):
     """(policy pass, drafter pass) of ``model``'s MTP block, each [main; depth 1; ...; depth K]
     along the sequence; ``run_block(hidden)`` runs the block once on the forward's inputs with the
     trunk's hidden states ``hidden``."""
