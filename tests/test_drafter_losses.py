@@ -228,6 +228,36 @@ def test_checkpointed_chunks_compute_the_value_once(kind, monkeypatch):
     assert len(calls) == 2 * 4, calls
 
 
+@pytest.mark.megatron
+@pytest.mark.parametrize("detach", [False, True], ids=["joint", "standalone"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_output_layer_gets_dense_hidden_states(batch, detach, monkeypatch):
+    """The student's and the teacher's hidden states reach the output layer dense. A strided 3-D
+    input that requires grad is not folded by ``torch.matmul`` into one GEMM: it broadcast the
+    [h, V] weight to every position (a [s, h, V] copy) and made verl's real-engine update with kl /
+    tv ~20x slower than with CE (scripts/bench_mtp_step.py)."""
+    from verl_mtp.local_megatron.single_process import cpu_megatron
+    from verl_mtp.megatron import mtp_log_probs
+
+    model, hidden, teacher, temperature = _model_and_hidden(depths=1, seq_len=9, batch=batch)
+    seen = []
+    real_output_logits = mtp_log_probs.output_logits
+
+    def output_logits(output_layer, inputs, *args):
+        seen.append((inputs.requires_grad, inputs.is_contiguous()))
+        return real_output_logits(output_layer, inputs, *args)
+
+    monkeypatch.setattr(mtp_log_probs, "output_logits", output_logits)
+    hidden = [h.clone().requires_grad_() for h in hidden]
+    with cpu_megatron():
+        divergence = mtp_drafter_divergences(
+            model.output_layer, hidden, teacher, "kl", temperature, detach_output_layer=detach
+        )
+    divergence.sum().backward()
+    assert len(seen) == 2 and all(dense for _, dense in seen), seen  # the student's and the teacher's
+    assert seen[0][0], seen  # the student's carries the gradient (the case matmul would not fold)
+
+
 # --- tensor parallelism: 2 gloo ranks, each a vocabulary slice ----------------------------------
 
 

@@ -245,7 +245,9 @@ def mtp_drafter_divergences(
         temperature = temperature.expand(batch, full_len)
 
     def score(joined, temperature_bs, labels_bs=None):
-        student_hidden, teacher_hidden = joined.chunk(2, dim=-1)
+        # contiguous: torch.matmul does not fold a strided 3-D input that requires grad into one GEMM;
+        # it broadcasts the [h, V] weight to every position and runs a batched product (~20x the step)
+        student_hidden, teacher_hidden = (half.contiguous() for half in joined.chunk(2, dim=-1))
         student = output_logits(output_layer, student_hidden, output_weight, detach_output_layer, runtime_gather_output)
         with torch.no_grad():
             teacher = output_logits(output_layer, teacher_hidden, output_weight, True, runtime_gather_output)
