@@ -21,24 +21,32 @@ def test_console_script_is_installed():
 
 
 def test_readme_example(make_checkpoint):
-    # The README's first example: OCC on a MiMo-style checkpoint with MTP speculative rollout on vLLM.
+    # The README's first example: OCC in the decoupled regime with a TV-trained drafter, drafting
+    # probabilistically in vLLM, on a MiMo-style checkpoint.
     path = make_checkpoint(depths=1)
     proc = explain(
         f"actor_rollout_ref.model.path={path}",
-        "actor_rollout_ref.model.mtp.mtp_training_mode=joint",
+        "actor_rollout_ref.model.mtp.mtp_training_mode=decoupled",
         "actor_rollout_ref.model.mtp.mtp_loss_type=rl",
         "actor_rollout_ref.model.mtp.mtp_coef_mode=occ",
+        "actor_rollout_ref.model.mtp.mtp_drafter_loss=tv",
+        "actor_rollout_ref.model.mtp.draft_sample_method=probabilistic",
         "actor_rollout_ref.model.mtp.enable_rollout=True",
         "actor_rollout_ref.rollout.name=vllm",
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "regime            joint (enable_train=True, detach_encoder=False)" in out
+    assert "regime            decoupled (enable_train=True, detach_encoder=False)" in out
     assert f"MTP depths        1 ({path}/config.json declares 1)" in out
     assert "rl: the actor's policy loss (loss_mode=vanilla)" in out
     assert "occ: lambda_plus=1.0, eps=1e-08" in out
-    assert '"speculative_config": {"method": "mtp", "num_speculative_tokens": 1}' in out
-    assert "MTP module, trunk, embedding, lm_head" in out  # the rl path trains the live lm_head in joint
+    assert ('"speculative_config": {"method": "mtp", "num_speculative_tokens": 1, '
+            '"draft_sample_method": "probabilistic"}') in out
+    assert "policy-loss term -> trunk, embedding, lm_head only; drafter loss -> MTP module only" in out
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")) as f:
+        readme = f.read()
+    for line in out.splitlines()[:8]:  # the README shows this output (the checkpoint path aside)
+        assert line.replace(path, "/models/MiMo-7B-RL") in readme, line
 
 
 @pytest.mark.parametrize("regime", ["disabled", "standalone", "joint"])

@@ -119,7 +119,7 @@ def build_plan(config) -> MtpPlan:
     reach = expected_gradient_reach(mtp.mtp_training_mode, api) if mtp.enable else ()
     if api is None:
         notes.append("megatron-core is not installed here, so the gradient reach is unknown")
-    elif mtp.enable:
+    elif mtp.enable and not mtp.is_decoupled:  # stock verl has no decoupled regime to compare with
         stock = expected_gradient_reach(mtp.mtp_training_mode, api, stock_verl=True)
         if set(stock) != set(reach):
             notes.append(
@@ -138,7 +138,8 @@ def build_plan(config) -> MtpPlan:
             "OCC with standalone: the MTP term reaches no shared parameter, and Adam divides the head's gradient "
             "by its running scale, so rescaling lambda changes the head's update little; its sign does"
         )
-    if mtp.uses_occ and (mtp.occ_coef_min is None or mtp.occ_coef_min < 0):
+    # decoupled: a negative lambda reaches only the shared parameters, the head trains on its drafter loss
+    if mtp.uses_occ and not mtp.is_decoupled and (mtp.occ_coef_min is None or mtp.occ_coef_min < 0):
         notes.append(
             "OCC lambda may go negative (occ_coef_min unset, as in the paper): the MTP term then trains the head "
             "away from the policy at Adam's full step size; occ_coef_min=0 prevents it"
