@@ -55,6 +55,8 @@ REGIMES = {
     "rl+OCC": Regime(dict(occ_scope="micro_batch", **_OCC), 1.10),
     "rl+OCC mini_batch": Regime(dict(occ_scope="mini_batch", **_OCC), 1.10),
     "rl+OCC unchunked": Regime(dict(occ_scope="micro_batch", chunk=0, **_OCC), default=False),
+    "decoupled tv": Regime(dict(mtp_training_mode="decoupled", mtp_loss_type="rl", mtp_coef_mode="occ",
+                                mtp_drafter_loss="tv"), default=False),
 }
 CONFIG_NAMES = tuple(REGIMES)
 DEFAULT_CONFIGS = tuple(name for name, regime in REGIMES.items() if regime.default)
