@@ -148,6 +148,11 @@ def run_decoupled_mtp_blocks(model, trunk_hidden: "torch.Tensor", run_block: Cal
     trunk's hidden states ``hidden``."""
     if not model.post_process:
         raise DecoupledSplitError("mtp_training_mode=decoupled needs the MTP block on the last pipeline stage")
+    import torch
+
+    if not torch.is_grad_enabled():  # OCC's no-grad pre-pass: no gradient to split, one pass does
+        hidden = run_block(trunk_hidden)
+        return hidden, hidden
     layers = list(model.mtp.layers)
     params = [p for p in model.mtp.parameters() if p.requires_grad]
     frozen = lambda layer, fn: _frozen_layer_call(fn, list(layer.parameters()))  # noqa: E731
