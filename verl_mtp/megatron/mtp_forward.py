@@ -6,8 +6,10 @@ Two steps, both inside one micro-batch forward of verl's ``MegatronEngineWithLMH
    postprocess by ``install_mtp_postprocess``). It runs the MTP block and returns the main logits
    as verl does. For ``ce`` it attaches each depth's cross-entropy itself (so the regime's
    detach really holds on every megatron-core, and per-depth step weights apply); for ``rl`` it
-   computes no cross-entropy (the policy loss trains the head). Either way it leaves the depth
-   hidden states / agreement for step 2.
+   computes no cross-entropy (the policy loss trains the head). ``decoupled`` runs the block twice
+   (``verl_mtp.megatron.decoupled``): the policy pass's hidden states go to the rl log-probs, the
+   drafter pass's to the drafter loss. Either way it leaves the depth hidden states / agreement for
+   step 2.
 2. ``logits_processor_with_mtp`` wraps the engine's ``_lm_head_logits_processor``. It knows the
    rollout temperature; for ``rl`` it scores the sampled tokens under each depth
    (``verl_mtp.megatron.mtp_log_probs``). It returns extra keys (log-probs, validity, argmax
