@@ -230,18 +230,15 @@ def _generate_stepwise(llm, prompts, params) -> list[dict]:
     so the anchors the engine drafted from are known; per request its prompt, response and steps."""
     from vllm.sampling_params import RequestOutputKind
 
+    from verl_mtp.testing.vllm_accept import step_until_finished
+
     engine = llm.llm_engine
     runs = {}
     for k, (prompt, sampling) in enumerate(zip(prompts, params)):
         sampling.output_kind = RequestOutputKind.DELTA
         engine.add_request(str(k), prompt, sampling)
         runs[str(k)] = {"prompt_ids": list(prompt["prompt_token_ids"]), "response_ids": [], "steps": []}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            new = list(out.outputs[0].token_ids)
-            if new:
-                runs[out.request_id]["response_ids"] += new
-                runs[out.request_id]["steps"].append(len(new))
+    step_until_finished(engine, runs)
     return [runs[str(k)] for k in range(len(runs))]
 
 

@@ -168,6 +168,18 @@ def build_engine(path: str, draft: str):
     return LLM(**kwargs)
 
 
+def step_until_finished(engine, runs: dict) -> None:
+    """Step a vLLM engine whose requests use ``RequestOutputKind.DELTA`` until all finish, appending
+    to ``runs[request_id]`` each step's new tokens ("response_ids") and their count ("steps": 1 +
+    the drafts accepted in that step)."""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            new = list(out.outputs[0].token_ids)
+            if new:
+                runs[out.request_id]["response_ids"] += new
+                runs[out.request_id]["steps"].append(len(new))
+
+
 def generate_stepwise(llm, temperature: float, tag: str, seed: int = 0) -> dict:
     """All prompts at ``temperature``, stepped by hand; per request the prompt, the response and
     the number of new tokens each engine step gave it; the counters this run added."""
@@ -184,12 +196,7 @@ def generate_stepwise(llm, temperature: float, tag: str, seed: int = 0) -> dict:
         rid = f"{tag}-{k}"
         engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
         runs[rid] = {"prompt_ids": ids, "response_ids": [], "steps": []}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            new = list(out.outputs[0].token_ids)
-            if new:
-                runs[out.request_id]["response_ids"] += new
-                runs[out.request_id]["steps"].append(len(new))
+    step_until_finished(engine, runs)
     after = spec_counters(llm.get_metrics())
     return {"requests": [runs[f"{tag}-{k}"] for k in range(len(runs))],
             "counters": {k: after[k] - before[k] for k in after}}

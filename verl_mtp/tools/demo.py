@@ -85,30 +85,12 @@ def regime_config(name: str, coef: float = 0.1):
         return ExtendedMtpConfig(
             mtp_training_mode="standalone", mtp_drafter_loss=name.rsplit("_", 1)[1], mtp_loss_scaling_factor=coef
         )
-    if name == "decoupled_occ_tv":
-        return decoupled_config(coef)
-    raise DemoOptionsError(f"unknown demo regime {name!r}; valid choices are {', '.join(REGIMES)}")
-
-
-def decoupled_config(coef: float = 0.1):
-    """decoupled_occ_tv's config: the shared parameters get only OCC's lambda * the rl term, the MTP
-    module's own parameters the TV drafter loss (scaled by ``coef``, as the standalone regimes').
-
-    Raises DemoOptionsError, naming the regime, where this verl-mtp's config does not accept the
-    decoupled mode.
-    """
-    from verl_mtp.config import ExtendedMtpConfig, MtpConfigError
-
-    try:
+    if name == "decoupled_occ_tv":  # OCC's lambda * the rl term on the shared parameters, TV on the MTP module
         return ExtendedMtpConfig(
             mtp_training_mode="decoupled", mtp_loss_type="rl", mtp_coef_mode="occ", mtp_drafter_loss="tv",
             mtp_loss_scaling_factor=coef,
         )
-    except MtpConfigError as exc:
-        raise DemoOptionsError(
-            f"demo regime 'decoupled_occ_tv' needs mtp_training_mode=decoupled, which this verl-mtp's config "
-            f"refuses ({exc}); choose other regimes with --regimes"
-        ) from exc
+    raise DemoOptionsError(f"unknown demo regime {name!r}; valid choices are {', '.join(REGIMES)}")
 
 
 @dataclass
@@ -149,8 +131,6 @@ class DemoOptions:
                 raise DemoOptionsError(invalid_value(flag, getattr(self, key), "expected >= 1"))
         if self.warmup_steps < 0:
             raise DemoOptionsError(invalid_value("--warmup-steps", self.warmup_steps, "expected >= 0"))
-        if "decoupled_occ_tv" in self.regimes:
-            decoupled_config(self.coef)  # refused before anything runs where the config lacks the mode
         if self.figure and importlib.util.find_spec("matplotlib") is None:
             raise DemoOptionsError(
                 "the figure needs matplotlib, which is not installed: reinstall verl-mtp "
